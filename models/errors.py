@@ -1,0 +1,38 @@
+"""Named errors. Each message says what failed and how to fix it.
+
+The HTTP layer maps these to status codes in one place (the ingress); the CLI maps them to exit code 2.
+"""
+
+from __future__ import annotations
+
+
+class RecserveError(Exception):
+    """Base class: an expected failure with a message fit for a user."""
+
+
+class ConfigError(RecserveError):
+    """A setting or argument is invalid."""
+
+
+class DataError(RecserveError):
+    """The input data is missing or unusable."""
+
+
+class CutoffError(DataError):
+    """The requested cutoff date leaves no usable training or holdout window."""
+
+
+class BundleError(RecserveError):
+    """A model bundle cannot be used."""
+
+
+class BundleNotFoundError(BundleError):
+    """No bundle at the given path."""
+
+
+class BundleIntegrityError(BundleError):
+    """A bundle file is missing, altered or does not match the manifest."""
+
+
+class SchemaMismatchError(BundleError):
+    """The bundle's feature schema differs from the one this code computes."""

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pandas as pd
+import pytest
+
+from models.data import CleanData, load_clean
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data" / "online_retail.parquet"
+
+
+@pytest.fixture(scope="session")
+def real_data() -> CleanData:
+    return load_clean(DATA)
+
+
+def raw_rows(rows: list[dict]) -> pd.DataFrame:
+    """A raw frame in the dataset's own schema, with defaults for the columns a test does not care about."""
+    base = {
+        "InvoiceNo": "536365",
+        "StockCode": "85123A",
+        "Description": "WHITE HANGING HEART T-LIGHT HOLDER",
+        "Quantity": 6,
+        "InvoiceDate": "2011-01-01 10:00",
+        "UnitPrice": 2.55,
+        "CustomerID": 17850,
+        "Country": "United Kingdom",
+    }
+    frame = pd.DataFrame([{**base, **r} for r in rows])
+    frame["InvoiceNo"] = frame["InvoiceNo"].astype("string")
+    frame["StockCode"] = frame["StockCode"].astype("string")
+    frame["Description"] = frame["Description"].astype("string")
+    frame["InvoiceDate"] = pd.to_datetime(frame["InvoiceDate"])
+    frame["CustomerID"] = frame["CustomerID"].astype("Int64")
+    frame["Country"] = frame["Country"].astype("string")
+    return frame
+
+
+SLICE_CUTOFF = pd.Timestamp("2011-09-01")
+
+
+@pytest.fixture(scope="session")
+def small_bundle(real_data, tmp_path_factory) -> Path:
+    """A bundle trained on a slice of the real data: May-September 2011, the 600 best-selling items."""
+    from models.settings import BlenderSettings, CFSettings, TrainSettings
+    from models.train import train
+
+    sales = real_data.sales
+    sales = sales[(sales["ts"] >= "2011-05-01") & (sales["ts"] < "2011-10-01")]
+    top = sales["item_id"].value_counts().index[:600]
+    sliced = CleanData(sales=sales[sales["item_id"].isin(top)].reset_index(drop=True))
+    settings = TrainSettings(
+        cf=CFSettings(factors=16, iterations=5), blender=BlenderSettings(n_estimators=40, early_stopping_rounds=10)
+    )
+    out = tmp_path_factory.mktemp("artifacts")
+    result = train(DATA, out, SLICE_CUTOFF.date(), "slice-v1", settings, progress=False, data=sliced)
+    return result.path

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from models import bundle as bundle_mod
+from models.errors import BundleIntegrityError, BundleNotFoundError, ConfigError, SchemaMismatchError
+from models.train import train
+from tests.conftest import DATA, SLICE_CUTOFF
+
+pytestmark = pytest.mark.integration
+
+EXPECTED_FILES = {
+    "catalog.parquet",
+    "item_features.parquet",
+    "user_features.parquet",
+    "interactions.parquet",
+    "cf.npz",
+    "embeddings.npz",
+    "blender.txt",
+}
+
+
+def test_bundle_loads_back_and_recommends(small_bundle):
+    b = bundle_mod.load(small_bundle)
+    m = b.manifest
+    assert b.version == "slice-v1" and b.cutoff == SLICE_CUTOFF
+    assert set(m["files"]) == EXPECTED_FILES
+    assert m["data"]["sha256"] == "dea6ec15718d9dd6bb9bea2d41acd669c3e286a22e958c67039e94e787266a70"
+    assert m["feature_schema"]["hash"] and len(m["feature_schema"]["features"]) > 20
+    for name in ("recall@10", "ndcg@10", "map@10", "coverage@10"):
+        assert 0 <= m["metrics"]["systems"]["blend"][name] <= 1
+    assert m["metrics"]["systems"]["blend"]["users"] > 100
+    assert not list(small_bundle.glob("*.pkl"))
+
+    rec = b.recommender
+    assert rec.cf.n_items == rec.content.n_items == len(rec.snapshot.item_ids) <= 600
+    user = np.array([rec.snapshot.user_index[rec.snapshot.user_ids[0]]])
+    r = next(rec.retrieve(user))
+    items, scores = rec.blend(r, 10)
+    assert len(set(items.tolist())) == 10 and np.all(np.diff(scores) <= 0)
+    assert (bundle_mod.resolve(None, small_bundle.parent)) == small_bundle
+
+
+@pytest.fixture
+def copy(small_bundle, tmp_path):
+    target = tmp_path / "bundle"
+    shutil.copytree(small_bundle, target)
+    return target
+
+
+def test_altered_file_is_refused_by_name(copy):
+    with (copy / "blender.txt").open("a") as fh:
+        fh.write("\n")
+    with pytest.raises(BundleIntegrityError, match=r"blender\.txt was altered"):
+        bundle_mod.load(copy)
+
+
+def test_missing_file_is_refused_by_name(copy):
+    (copy / "embeddings.npz").unlink()
+    with pytest.raises(BundleIntegrityError, match=r"embeddings\.npz is missing"):
+        bundle_mod.load(copy)
+
+
+def test_schema_mismatch_is_refused(copy):
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["feature_schema"]["hash"] = "0" * 64
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SchemaMismatchError, match="retrain"):
+        bundle_mod.load(copy)
+
+
+def test_not_a_bundle(copy, tmp_path):
+    (copy / "manifest.json").unlink()
+    with pytest.raises(BundleNotFoundError, match=r"manifest\.json"):
+        bundle_mod.load(copy)
+    with pytest.raises(BundleNotFoundError, match="no bundle at"):
+        bundle_mod.load(tmp_path / "nowhere")
+    with pytest.raises(BundleNotFoundError, match="recserve train"):
+        bundle_mod.resolve(None, tmp_path / "empty")
+
+
+def test_existing_version_and_bad_names_are_refused(small_bundle):
+    with pytest.raises(ConfigError, match="already exists"):
+        train(DATA, small_bundle.parent, SLICE_CUTOFF.date(), "slice-v1")
+    with pytest.raises(ConfigError, match="not a usable name"):
+        train(DATA, small_bundle.parent, SLICE_CUTOFF.date(), "../escape")

@@ -1,0 +1,77 @@
+"""The `recserve` console script, run as a user runs it: in a subprocess, checking output and exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DATA, ROOT
+
+
+def recserve(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_help_lists_the_subcommands():
+    out = recserve("--help")
+    assert out.returncode == 0
+    assert "train" in out.stdout and "evaluate" in out.stdout
+    assert "--cutoff" in recserve("train", "--help").stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--cutoff", "2012-01-01"], "outside the data: it needs"),
+        (["train", "--cutoff", "09/11/2011"], "is not a date: write it as YYYY-MM-DD"),
+        (["train", "--version", "a/b"], "not a usable name"),
+        (["train", "--data", "/nonexistent.parquet"], "does not exist"),
+        (["evaluate", "--bundle", "/nonexistent-bundle"], "no bundle at /nonexistent-bundle"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_exit_non_zero_with_a_message(args, message, tmp_path):
+    out = recserve(*args, "--out", str(tmp_path)) if args[0] == "train" else recserve(*args)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_evaluate_writes_table_json_and_plot(small_bundle, tmp_path):
+    out = recserve(
+        "evaluate", "--bundle", str(small_bundle), "--json", str(tmp_path / "m.json"), "--plot", str(tmp_path / "m.png")
+    )
+    assert out.returncode == 0, out.stderr
+    assert "| blend (LambdaRank) |" in out.stdout and "| repeat-history |" in out.stdout
+    assert out.stdout.strip().splitlines()[-1].startswith("evaluated bundle slice-v1")
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert set(report["systems"]) == {"popularity", "history", "cf", "content", "blend"}
+    assert 0 < report["candidate_recall"] <= 1
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_refuses_other_data(small_bundle, tmp_path):
+    other = tmp_path / "other.parquet"
+    other.write_bytes(DATA.read_bytes() + b"\0")
+    out = recserve("evaluate", "--bundle", str(small_bundle), "--data", str(other))
+    assert out.returncode == 2 and "is not the data bundle slice-v1 was trained on" in out.stderr
+
+
+@pytest.mark.integration
+def test_default_training_meets_the_blend_bar(tmp_path):
+    """The product's offline bar on the default split: blend NDCG@10 >= 1.10x the best single source."""
+    out = recserve("train", "--out", str(tmp_path), "--version", "full", "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1].startswith("trained bundle full")
+    manifest = json.loads((tmp_path / "full" / "manifest.json").read_text())
+    metrics = manifest["metrics"]
+    best_single = max(metrics["systems"][s]["ndcg@10"] for s in ("popularity", "history", "cf", "content"))
+    assert metrics["systems"]["blend"]["ndcg@10"] >= 1.10 * best_single
+    assert metrics["candidate_recall"] > metrics["systems"]["blend"]["recall@50"]
+    assert (tmp_path / "LATEST").read_text().strip() == "full"
