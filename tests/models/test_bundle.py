@@ -21,6 +21,7 @@ EXPECTED_FILES = {
     "cf.npz",
     "embeddings.npz",
     "blender.txt",
+    "popularity.parquet",
 }
 
 
