@@ -98,6 +98,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_and_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Online Retail parquet (default: shipped copy)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recserve",
@@ -114,9 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--cutoff", type=_date, help="split date YYYY-MM-DD (default: 30 days before the last invoice)")
     train.add_argument("--out", type=Path, default=DEFAULT_ARTIFACTS, help="artifacts root (default: %(default)s)")
     train.add_argument("--version", help="bundle name (default: v<UTC timestamp>)")
-    train.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Online Retail parquet (default: shipped copy)")
     train.add_argument("--settings", type=Path, help="JSON file overriding TrainSettings fields")
-    train.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _data_and_quiet(train)
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser(
@@ -127,10 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--bundle", type=Path, help="bundle directory (default: the one artifacts/LATEST names)")
     ev.add_argument("--artifacts", type=Path, default=DEFAULT_ARTIFACTS, help="artifacts root (default: %(default)s)")
-    ev.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Online Retail parquet (default: shipped copy)")
     ev.add_argument("--json", type=Path, help="metrics JSON path (default: <bundle>/evaluation.json)")
     ev.add_argument("--plot", type=Path, help="PNG chart path (default: <bundle>/evaluation.png)")
-    ev.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _data_and_quiet(ev)
     ev.set_defaults(func=cmd_evaluate)
     return parser
 
