@@ -75,3 +75,15 @@ def test_default_training_meets_the_blend_bar(tmp_path):
     assert metrics["systems"]["blend"]["ndcg@10"] >= 1.10 * best_single
     assert metrics["candidate_recall"] > metrics["systems"]["blend"]["recall@50"]
     assert (tmp_path / "LATEST").read_text().strip() == "full"
+
+
+def test_bad_settings_file_names_the_field(tmp_path):
+    bad = tmp_path / "s.json"
+    bad.write_text('{"cf": {"factors": 0}}')
+    out = recserve("train", "--settings", str(bad), "--out", str(tmp_path))
+    assert out.returncode == 2
+    assert "field 'cf.factors'" in out.stderr and "greater than or equal to 2" in out.stderr
+    unknown = tmp_path / "u.json"
+    unknown.write_text('{"cf": {"fators": 8}}')
+    out = recserve("train", "--settings", str(unknown), "--out", str(tmp_path))
+    assert out.returncode == 2 and "cf.fators" in out.stderr
