@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from models.errors import BundleIntegrityError, ConfigError
+from models.ranking import top_n
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -100,8 +101,6 @@ class ContentModel:
         return self._sims(vectors)
 
     def similar(self, item: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        from models.ranking import top_n
-
         sims = self.score(self.embeddings[item])
         sims[item] = -np.inf
         return top_n(sims, n)

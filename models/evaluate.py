@@ -82,7 +82,7 @@ class Evaluation:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        metrics = [m for m in METRIC_NAMES]
+        metrics = list(METRIC_NAMES)
         fig, ax = plt.subplots(figsize=(10, 4.5))
         width = 0.8 / len(SYSTEMS)
         x = np.arange(len(metrics))

@@ -7,7 +7,7 @@ the catalog that appears in at least one user's top k.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -50,15 +50,18 @@ METRIC_NAMES = ("recall@10", "recall@50", "ndcg@10", "map@10", "coverage@10")
 def summarize(rankings: dict[str, Sequence[object]], truth: dict[str, set[object]], n_catalog: int) -> dict:
     """The table's row for one system: means over the users in `truth`."""
     users = [u for u in truth if truth[u]]
-    empty: list[object] = []
-    ranked = [rankings.get(u, empty) for u in users]
     if not users:
         return {**{m: None for m in METRIC_NAMES}, "users": 0}
+    pairs = [(rankings.get(u, []), truth[u]) for u in users]
+
+    def mean(metric: Callable[[Sequence[object], set[object], int], float], k: int) -> float:
+        return float(np.mean([metric(r, t, k) for r, t in pairs]))
+
     return {
-        "recall@10": float(np.mean([recall_at_k(r, truth[u], 10) for r, u in zip(ranked, users, strict=True)])),
-        "recall@50": float(np.mean([recall_at_k(r, truth[u], 50) for r, u in zip(ranked, users, strict=True)])),
-        "ndcg@10": float(np.mean([ndcg_at_k(r, truth[u], 10) for r, u in zip(ranked, users, strict=True)])),
-        "map@10": float(np.mean([average_precision_at_k(r, truth[u], 10) for r, u in zip(ranked, users, strict=True)])),
-        "coverage@10": coverage_at_k(ranked, n_catalog, 10),
+        "recall@10": mean(recall_at_k, 10),
+        "recall@50": mean(recall_at_k, 50),
+        "ndcg@10": mean(ndcg_at_k, 10),
+        "map@10": mean(average_precision_at_k, 10),
+        "coverage@10": coverage_at_k((r for r, _ in pairs), n_catalog, 10),
         "users": len(users),
     }
