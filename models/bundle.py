@@ -13,20 +13,33 @@ from typing import Any
 
 import pandas as pd
 
-from models.blender import Blender
-from models.cf import ALSModel
-from models.content import ContentModel
+from models.blender import BLENDER_FILE, Blender
+from models.cf import CF_FILE, ALSModel
+from models.content import EMBEDDINGS_FILE, ContentModel
 from models.data import sha256_file
 from models.errors import BundleIntegrityError, BundleNotFoundError, ConfigError, SchemaMismatchError
 from models.features import schema
-from models.popularity import Popularity
+from models.popularity import POPULARITY_FILE, Popularity
 from models.recommender import Recommender
 from models.settings import TrainSettings
-from models.snapshot import Snapshot
+from models.snapshot import CATALOG_FILE, INTERACTIONS_FILE, ITEM_FEATURES_FILE, USER_FEATURES_FILE, Snapshot
 
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "LATEST"
 FORMAT_VERSION = 1
+# Every file load() reads; a manifest that omits one is refused before anything is opened.
+REQUIRED_FILES = frozenset(
+    {
+        CF_FILE,
+        EMBEDDINGS_FILE,
+        BLENDER_FILE,
+        POPULARITY_FILE,
+        CATALOG_FILE,
+        ITEM_FEATURES_FILE,
+        USER_FEATURES_FILE,
+        INTERACTIONS_FILE,
+    }
+)
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -65,6 +78,12 @@ def verify(directory: Path, manifest: dict[str, Any]) -> None:
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise BundleIntegrityError(f"{directory / MANIFEST_FILE} lists no files: retrain the bundle")
+    unlisted = sorted(REQUIRED_FILES - set(files))
+    if unlisted:
+        raise BundleIntegrityError(
+            f"{directory / MANIFEST_FILE} does not list {unlisted}: the bundle is from an older version or "
+            "incomplete; retrain it"
+        )
     for name, expected in files.items():
         path = directory / name
         if not path.is_file():

@@ -66,6 +66,18 @@ def test_missing_file_is_refused_by_name(copy):
         bundle_mod.load(copy)
 
 
+def test_manifest_that_omits_a_required_file_is_refused(copy):
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["files"]["popularity.parquet"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleIntegrityError, match=r"does not list \['popularity\.parquet'\]"):
+        bundle_mod.load(copy)
+
+
+def test_required_files_are_what_training_writes(small_bundle):
+    assert set(json.loads((small_bundle / "manifest.json").read_text())["files"]) == bundle_mod.REQUIRED_FILES
+
+
 def test_schema_mismatch_is_refused(copy):
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["feature_schema"]["hash"] = "0" * 64
