@@ -57,8 +57,9 @@ class Recommender:
         order = np.lexsort((items, -scores))[: self.settings.n_history]
         return items[order], scores[order]
 
-    def content_profile(self, user: int) -> np.ndarray:
-        items, weights = self.history(user)
+    def content_profile(self, history: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """Taste vector from a user's history list (as `history` returns it: best recency-weighted score first)."""
+        items, weights = history
         return self.content.profile(items[: self.profile_items], weights[: self.profile_items])
 
     def retrieve(self, users: np.ndarray, chunk: int = 512) -> Iterator[Retrieved]:
@@ -69,7 +70,7 @@ class Recommender:
             cf_scores = self.cf.score_users(batch)
             cf_top = top_n_rows(cf_scores, s.n_cf)
             hist = [self.history(int(u)) for u in batch]
-            profiles = np.stack([self.content_profile(int(u)) for u in batch])
+            profiles = np.stack([self.content_profile(h) for h in hist])
             ct_scores = self.content.score_many(profiles)
             ct_top = top_n_rows(ct_scores, s.n_content)
             for r, u in enumerate(batch):
