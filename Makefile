@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 export OPENBLAS_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv demo train evaluate test lint redis clean
+.PHONY: venv demo train evaluate features bench-features test lint redis clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,16 +26,25 @@ train: venv
 evaluate: venv
 	$(BIN)/recserve evaluate
 
-demo: venv
+features: venv redis
+	$(BIN)/recserve features apply
+	$(BIN)/recserve features materialize
+
+bench-features: venv redis
+	$(BIN)/recserve features bench
+
+demo: venv redis
 	$(BIN)/recserve train
 	$(BIN)/recserve evaluate
+	$(BIN)/recserve features apply
+	$(BIN)/recserve features materialize
 
 lint: venv
-	$(BIN)/ruff check models pipeline tests
-	$(BIN)/ruff format --check models pipeline tests
+	$(BIN)/ruff check models pipeline feature_repo tests
+	$(BIN)/ruff format --check models pipeline feature_repo tests
 
 test: venv redis lint
 	$(BIN)/python -m pytest tests
 
 clean:
-	rm -rf artifacts .pytest_cache .ruff_cache
+	rm -rf artifacts .pytest_cache .ruff_cache feature_repo/data

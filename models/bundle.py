@@ -26,7 +26,8 @@ from models.snapshot import CATALOG_FILE, INTERACTIONS_FILE, ITEM_FEATURES_FILE,
 
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "LATEST"
-FORMAT_VERSION = 1
+# 2: feature files carry bundle_version and a UTC event_timestamp for the Feast file sources.
+FORMAT_VERSION = 2
 # Every file load() reads; a manifest that omits one is refused before anything is opened.
 REQUIRED_FILES = frozenset(
     {

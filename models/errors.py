@@ -36,3 +36,35 @@ class BundleIntegrityError(BundleError):
 
 class SchemaMismatchError(BundleError):
     """The bundle's feature schema differs from the one this code computes."""
+
+
+class FeatureStoreError(RecserveError):
+    """The feature store cannot serve or accept a request."""
+
+    retryable = False
+
+
+class StoreUnavailableError(FeatureStoreError):
+    """Redis does not answer or failed mid-operation; nothing was half-written, so the caller may retry."""
+
+    retryable = True
+
+
+class WriteConflictError(FeatureStoreError):
+    """Another writer held a user's event lock for too long; the caller may retry."""
+
+    retryable = True
+
+
+class NotMaterializedError(FeatureStoreError):
+    """The bundle's batch features are not in the online store."""
+
+
+class InvalidEventError(RecserveError):
+    """An event in a batch is malformed; `index` and `field` say which one and where."""
+
+    def __init__(self, index: int | None, field: str, message: str) -> None:
+        self.index = index
+        self.field = field
+        where = f"events[{index}].{field}" if index is not None else field
+        super().__init__(f"{where}: {message}")

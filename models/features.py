@@ -16,18 +16,27 @@ import pandas as pd
 
 from models.data import days_between, window
 
-Group = Literal["source", "item", "user", "user_item"]
+Group = Literal["source", "item", "user", "user_item", "realtime"]
+Dtype = Literal["float32", "int64", "string", "int64_list", "string_list"]
 SOURCES = ("cf", "content", "history", "popularity")
+# Join keys and the timestamp column of the feature files, shared with the Feast definitions (feature_repo/).
+USER_KEY = "user_id"
+ITEM_KEY = "item_id"
+# Batch rows are keyed by bundle too, so two bundles' features coexist in one online store.
+BUNDLE_KEY = "bundle_version"
+EVENT_TIMESTAMP = "event_timestamp"
 POPULARITY_WINDOWS_DAYS = (7, 30, 90)
 
 
 @dataclass(frozen=True)
 class Feature:
     name: str
-    dtype: Literal["float32", "int64", "string"]
+    dtype: Dtype
     group: Group
     description: str
     blender: bool = True
+    # What a user or item the store has no row for gets: NaN is LightGBM's "missing".
+    default: float | str | None = float("nan")
 
 
 FEATURES: tuple[Feature, ...] = (
@@ -49,15 +58,29 @@ FEATURES: tuple[Feature, ...] = (
     Feature("item_days_since_first_sale", "float32", "item", "days from the first sale to the reference time"),
     Feature("item_days_since_last_sale", "float32", "item", "days from the last sale to the reference time"),
     Feature("user_recency_days", "float32", "user", "days since the user's last order"),
-    Feature("user_order_count", "float32", "user", "distinct invoices"),
-    Feature("user_total_spend", "float32", "user", "sum of quantity x unit price, GBP"),
-    Feature("user_distinct_items", "float32", "user", "distinct items bought"),
+    Feature("user_order_count", "float32", "user", "distinct invoices", default=0.0),
+    Feature("user_total_spend", "float32", "user", "sum of quantity x unit price, GBP", default=0.0),
+    Feature("user_distinct_items", "float32", "user", "distinct items bought", default=0.0),
     Feature("user_avg_basket_size", "float32", "user", "mean distinct items per invoice"),
-    Feature("user_tenure_days", "float32", "user", "days since the user's first order"),
-    Feature("user_country", "string", "user", "most frequent country on the user's invoices", blender=False),
+    Feature("user_tenure_days", "float32", "user", "days since the user's first order", default=0.0),
+    Feature(
+        "user_country", "string", "user", "most frequent country on the user's invoices", blender=False, default=""
+    ),
     Feature("ui_times_bought", "float32", "user_item", "distinct invoices in which the user bought the item"),
     Feature(
         "ui_days_since_last_bought", "float32", "user_item", "days since the user last bought it; missing if never"
+    ),
+    # Written by POST /events through Feast's push path: the retained events, newest first, as parallel lists.
+    # Counts over the last hour and day are derived from them at read time (pipeline/events.py), so they age.
+    *(
+        Feature(name, dtype, "realtime", description, blender=False, default=None)
+        for name, dtype, description in (
+            ("rt_event_item_ids", "string_list", "item ids of the retained events, newest first"),
+            ("rt_event_types", "string_list", "event types (view, add_to_cart, purchase), aligned with the ids"),
+            ("rt_event_ts_ms", "int64_list", "event times in ms since the epoch, UTC, aligned with the ids"),
+            ("rt_last_event_ts_ms", "int64", "time of the newest event, ms since the epoch"),
+            ("rt_event_count", "int64", "events accepted for the user since the store was created"),
+        )
     ),
 )
 
@@ -66,6 +89,8 @@ ITEM_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.group == "i
 USER_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.group == "user")
 USER_NUMERIC_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.group == "user" and f.blender)
 SOURCE_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.group == "source")
+REALTIME_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.group == "realtime")
+BY_NAME: dict[str, Feature] = {f.name: f for f in FEATURES}
 
 
 def schema() -> dict[str, object]:

@@ -15,7 +15,17 @@ import scipy.sparse as sp
 
 from models.data import as_of as rows_before
 from models.data import canonical_descriptions, days_between
-from models.features import ITEM_FEATURES, USER_FEATURES, USER_NUMERIC_FEATURES, item_features, user_features
+from models.features import (
+    BUNDLE_KEY,
+    EVENT_TIMESTAMP,
+    ITEM_FEATURES,
+    ITEM_KEY,
+    USER_FEATURES,
+    USER_KEY,
+    USER_NUMERIC_FEATURES,
+    item_features,
+    user_features,
+)
 
 CATALOG_FILE = "catalog.parquet"
 ITEM_FEATURES_FILE = "item_features.parquet"
@@ -112,14 +122,15 @@ class Snapshot:
         last = np.where(hit, self.last_age_plus1.data[lo:hi][pos] - 1.0, np.nan)
         return times, last
 
-    def save(self, directory: Path) -> list[str]:
+    def save(self, directory: Path, version: str) -> list[str]:
         catalog = pd.DataFrame({"item_id": self.item_ids, "description": self.descriptions})
         items = pd.DataFrame(self.item_matrix, columns=list(ITEM_FEATURES))
-        items.insert(0, "item_id", self.item_ids)
-        # Feast's file sources need an event timestamp: the features are valid as of the snapshot.
-        items["event_timestamp"] = self.as_of
-        users = self.user_frame.reset_index()
-        users["event_timestamp"] = self.as_of
+        items.insert(0, ITEM_KEY, self.item_ids)
+        users = self.user_frame.reset_index().rename(columns={"user_id": USER_KEY})
+        # These are the Feast file sources: rows keyed by bundle version, valid as of the snapshot.
+        for frame in (items, users):
+            frame.insert(1, BUNDLE_KEY, version)
+            frame[EVENT_TIMESTAMP] = self.as_of.tz_localize("UTC")
         catalog.to_parquet(directory / CATALOG_FILE, index=False)
         items.to_parquet(directory / ITEM_FEATURES_FILE, index=False)
         users.to_parquet(directory / USER_FEATURES_FILE, index=False)

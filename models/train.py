@@ -119,7 +119,7 @@ def train(
     tmp = out / f".{version}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    files = [*final_snap.save(tmp), *rec.cf.save(tmp), *rec.content.save(tmp), *blender.save(tmp)]
+    files = [*final_snap.save(tmp, version), *rec.cf.save(tmp), *rec.content.save(tmp), *blender.save(tmp)]
     files += rec.popularity.save(tmp, final_snap.item_ids)
 
     truth = holdout_truth(inter, split, set(final_snap.user_index))

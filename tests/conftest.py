@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -61,3 +64,30 @@ def small_bundle(real_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("artifacts")
     result = train(DATA, out, SLICE_CUTOFF.date(), "slice-v1", settings, progress=False, data=sliced)
     return result.path
+
+
+def recserve(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The console script as a user runs it, in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@dataclass(frozen=True)
+class Trained:
+    path: Path
+    stdout: str
+
+
+@pytest.fixture(scope="session")
+def full_bundle(tmp_path_factory) -> Trained:
+    """`recserve train` with every default, once per session: the bundle the product ships."""
+    out_dir = tmp_path_factory.mktemp("full-artifacts")
+    out = recserve("train", "--out", str(out_dir), "--version", "full", "--quiet")
+    assert out.returncode == 0, out.stderr
+    return Trained(out_dir / "full", out.stdout)

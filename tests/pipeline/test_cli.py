@@ -3,19 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import DATA, ROOT
-
-
-def recserve(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600
-    )
+from tests.conftest import DATA, recserve
 
 
 def test_help_lists_the_subcommands():
@@ -64,17 +55,15 @@ def test_evaluate_refuses_other_data(small_bundle, tmp_path):
 
 
 @pytest.mark.integration
-def test_default_training_meets_the_blend_bar(tmp_path):
+def test_default_training_meets_the_blend_bar(full_bundle):
     """The product's offline bar on the default split: blend NDCG@10 >= 1.10x the best single source."""
-    out = recserve("train", "--out", str(tmp_path), "--version", "full", "--quiet")
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1].startswith("trained bundle full")
-    manifest = json.loads((tmp_path / "full" / "manifest.json").read_text())
+    assert full_bundle.stdout.strip().splitlines()[-1].startswith("trained bundle full")
+    manifest = json.loads((full_bundle.path / "manifest.json").read_text())
     metrics = manifest["metrics"]
     best_single = max(metrics["systems"][s]["ndcg@10"] for s in ("popularity", "history", "cf", "content"))
     assert metrics["systems"]["blend"]["ndcg@10"] >= 1.10 * best_single
     assert metrics["candidate_recall"] > metrics["systems"]["blend"]["recall@50"]
-    assert (tmp_path / "LATEST").read_text().strip() == "full"
+    assert (full_bundle.path.parent / "LATEST").read_text().strip() == "full"
 
 
 def test_bad_settings_file_names_the_field(tmp_path):

@@ -1,0 +1,149 @@
+"""recserve's Feast objects, in one flat module: entities, sources, feature views and feature services.
+
+Feature names and dtypes come from models.features.FEATURES, the list the blender is trained on, so the store
+and the models cannot drift apart. Batch rows are keyed by (bundle_version, id): materializing a new bundle
+writes new keys and leaves the live bundle's rows alone. Real-time rows are keyed by user only, because events
+belong to the user, whatever bundle serves them.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
+from feast.types import Array, FeastType, Float32, Int64, String
+
+from models.features import BUNDLE_KEY, EVENT_TIMESTAMP, FEATURES, ITEM_KEY, USER_KEY, USER_NUMERIC_FEATURES
+
+REPO = Path(__file__).resolve().parent
+ARTIFACTS = REPO.parent / "artifacts"
+
+USER_BATCH = "user_batch"
+ITEM_BATCH = "item_batch"
+USER_REALTIME = "user_realtime"
+PUSH_SOURCE = "user_events"
+# The ingress reads this per request; the blender's store-side inputs are the other. Bump the suffix when a
+# service's features change, and keep the old one until no deployed bundle asks for it.
+INGRESS_SERVICE = "ingress_v1"
+BLENDER_SERVICE = "blender_v1"
+
+_FEAST_TYPES: dict[str, FeastType] = {
+    "float32": Float32,
+    "int64": Int64,
+    "string": String,
+    "int64_list": Array(Int64),
+    "string_list": Array(String),
+}
+
+
+def fields(group: str) -> list[Field]:
+    return [
+        Field(name=f.name, dtype=_FEAST_TYPES[f.dtype], description=f.description) for f in FEATURES if f.group == group
+    ]
+
+
+customer = Entity(
+    name="customer",
+    join_keys=[USER_KEY],
+    value_type=ValueType.STRING,
+    description="a shop customer: the dataset's CustomerID as text; any other id is a new user",
+)
+product = Entity(
+    name="product", join_keys=[ITEM_KEY], value_type=ValueType.STRING, description="a product: its StockCode"
+)
+bundle = Entity(
+    name="bundle",
+    join_keys=[BUNDLE_KEY],
+    value_type=ValueType.STRING,
+    description="the model bundle whose training snapshot the batch rows come from",
+)
+
+user_events = PushSource(
+    name=PUSH_SOURCE,
+    # Feast wants an offline twin for every push source; events are pushed online only.
+    batch_source=FileSource(
+        name="user_events_log", path=str(REPO / "data" / "user_events.parquet"), timestamp_field=EVENT_TIMESTAMP
+    ),
+)
+
+user_realtime = FeatureView(
+    name=USER_REALTIME,
+    entities=[customer],
+    ttl=timedelta(0),
+    schema=fields("realtime"),
+    source=user_events,
+    online=True,
+    description="the user's recent events, written by POST /events through the push source",
+)
+
+
+def batch_views(bundle_dir: Path) -> tuple[FeatureView, FeatureView]:
+    """The batch views over one bundle's feature files (`recserve train` writes them for its cutoff)."""
+    users = FileSource(
+        name="user_features_file", path=str(bundle_dir / "user_features.parquet"), timestamp_field=EVENT_TIMESTAMP
+    )
+    items = FileSource(
+        name="item_features_file", path=str(bundle_dir / "item_features.parquet"), timestamp_field=EVENT_TIMESTAMP
+    )
+    user_view = FeatureView(
+        name=USER_BATCH,
+        entities=[bundle, customer],
+        ttl=timedelta(0),
+        schema=fields("user"),
+        source=users,
+        online=True,
+        description="user features as of the bundle's cutoff",
+    )
+    item_view = FeatureView(
+        name=ITEM_BATCH,
+        entities=[bundle, product],
+        ttl=timedelta(0),
+        schema=fields("item"),
+        source=items,
+        online=True,
+        description="item features as of the bundle's cutoff",
+    )
+    return user_view, item_view
+
+
+def services(user_view: FeatureView, item_view: FeatureView) -> tuple[FeatureService, FeatureService]:
+    ingress = FeatureService(
+        name=INGRESS_SERVICE,
+        features=[user_view, user_realtime],
+        description="per request: the user's batch and real-time features",
+    )
+    blender = FeatureService(
+        name=BLENDER_SERVICE,
+        features=[user_view[list(USER_NUMERIC_FEATURES)], item_view],
+        description="the blender's user and item inputs (source scores and user-item features come from the models)",
+    )
+    return ingress, blender
+
+
+def objects(bundle_dir: Path) -> list[object]:
+    """Everything to apply, with the batch sources over `bundle_dir`."""
+    user_view, item_view = batch_views(bundle_dir)
+    return [
+        customer,
+        product,
+        bundle,
+        user_events,
+        user_realtime,
+        user_view,
+        item_view,
+        *services(user_view, item_view),
+    ]
+
+
+def _default_bundle() -> Path:
+    # For the plain `feast` CLI: RECSERVE_BUNDLE, else the bundle artifacts/LATEST names.
+    if env := os.environ.get("RECSERVE_BUNDLE"):
+        return Path(env).resolve()
+    latest = ARTIFACTS / "LATEST"
+    return ARTIFACTS / latest.read_text().strip() if latest.is_file() else ARTIFACTS / "no-bundle-yet"
+
+
+user_batch, item_batch = batch_views(_default_bundle())
+ingress_v1, blender_v1 = services(user_batch, item_batch)

@@ -1,0 +1,403 @@
+"""The feature store: Feast on Redis. Opening it, applying the definitions, materializing a bundle, and the
+read path a request takes.
+
+The read path goes under Feast's SDK: it computes Feast's own Redis keys and hash fields and reads a user's
+batch and real-time rows in one pipelined round trip (Feast's `get_online_features` costs about 1 ms of Python
+for the same). tests/pipeline/test_store.py proves both return the same values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import redis
+from feast.infra.key_encoding_utils import deserialize_entity_key, serialize_entity_key
+from feast.infra.online_stores.helpers import _mmh3
+from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+from google.protobuf.timestamp_pb2 import Timestamp
+from pydantic import BaseModel, ConfigDict, Field
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from feature_repo import definitions as defs
+from models.errors import NotMaterializedError, StoreUnavailableError
+from models.features import (
+    BUNDLE_KEY,
+    BY_NAME,
+    EVENT_TIMESTAMP,
+    ITEM_FEATURES,
+    ITEM_KEY,
+    REALTIME_FEATURES,
+    USER_FEATURES,
+    USER_KEY,
+    USER_NUMERIC_FEATURES,
+)
+from models.realtime import Realtime
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+
+# Feast reports usage over the network by default; this machine may have none, and a request must never wait.
+os.environ.setdefault("FEAST_USAGE", "False")
+
+REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+ENTITY_KEY_VERSION = 3  # feature_store.yaml's entity_key_serialization_version
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name) or default
+
+
+class StoreSettings(BaseModel):
+    """Where the online store lives. Environment variables give the defaults, so one setting serves the CLI,
+    the serve config and the plain `feast` CLI alike."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    redis: str = Field(
+        default_factory=lambda: _env("RECSERVE_REDIS", "localhost:6379"),
+        description="Feast's Redis connection string: host:port[,param=value...]",
+    )
+    project: str = Field(
+        default_factory=lambda: _env("RECSERVE_FEAST_PROJECT", "recserve"),
+        pattern=r"^[A-Za-z][A-Za-z0-9_]{0,63}$",
+        description="Feast project: it suffixes every Redis key, so projects never share rows",
+    )
+    registry: Path = Field(
+        default_factory=lambda: Path(_env("RECSERVE_FEAST_REGISTRY", str(defs.REPO / "data" / "registry.db"))),
+        description="the local registry file",
+    )
+    connect_timeout_s: float = Field(1.0, gt=0, le=30)
+    socket_timeout_s: float = Field(2.0, gt=0, le=60)
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        first = self.redis.split(",")[0]
+        host, _, port = first.rpartition(":")
+        return (host or "localhost"), int(port or 6379)
+
+    def connection_string(self) -> str:
+        # Bounded waits, so that a dead or wedged Redis fails a call instead of hanging it.
+        extra = [
+            f"{k}={v}"
+            for k, v in (("socket_connect_timeout", self.connect_timeout_s), ("socket_timeout", self.socket_timeout_s))
+            if f"{k}=" not in self.redis
+        ]
+        return ",".join([self.redis, *extra])
+
+    def client(self) -> redis.Redis:
+        host, port = self.host_port
+        params = dict(p.split("=", 1) for p in self.redis.split(",")[1:] if "=" in p)
+        return redis.Redis(
+            host=host,
+            port=port,
+            db=int(params.get("db", 0)),
+            password=params.get("password"),
+            socket_connect_timeout=self.connect_timeout_s,
+            socket_timeout=self.socket_timeout_s,
+            # redis-py's default retries back off for about 8 s; a request must fail fast instead.
+            retry=Retry(ExponentialBackoff(cap=0.05, base=0.005), 2),
+        )
+
+
+def unavailable(settings: StoreSettings, exc: Exception) -> StoreUnavailableError:
+    host, port = settings.host_port
+    return StoreUnavailableError(
+        f"Redis at {host}:{port} does not answer ({exc}): start one with `deploy/ensure-redis.sh` "
+        f"(it runs `redis-server --port {port} --save '' --daemonize yes`, installing Debian's redis-server if "
+        "needed), or point RECSERVE_REDIS at a running one; then retry"
+    )
+
+
+def require_redis(settings: StoreSettings) -> redis.Redis:
+    client = settings.client()
+    try:
+        client.ping()
+    except REDIS_ERRORS as exc:
+        raise unavailable(settings, exc) from None
+    return client
+
+
+def repo_config(settings: StoreSettings) -> Any:
+    """feature_store.yaml with its ${VARS} filled from the settings (other ${VARS} from the environment)."""
+    import yaml
+    from feast.repo_config import RepoConfig
+
+    values = {
+        "RECSERVE_REDIS": settings.connection_string(),
+        "RECSERVE_FEAST_PROJECT": settings.project,
+        "RECSERVE_FEAST_REGISTRY": str(settings.registry),
+    }
+    text = (defs.REPO / "feature_store.yaml").read_text()
+    text = re.sub(r"\$\{(\w+)\}", lambda m: values.get(m[1]) or os.environ.get(m[1], m[0]), text)
+    raw = yaml.safe_load(text)
+    raw["repo_path"] = defs.REPO
+    return RepoConfig(**raw)
+
+
+def open_store(settings: StoreSettings) -> FeatureStore:
+    from feast import FeatureStore
+
+    require_redis(settings)
+    settings.registry.parent.mkdir(parents=True, exist_ok=True)
+    return FeatureStore(repo_path=str(defs.REPO), config=repo_config(settings))
+
+
+def _ensure_event_log() -> None:
+    """The push source's offline twin: an empty parquet of the right schema, so offline reads find a table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(defs.user_events.batch_source.path)
+    if path.is_file():
+        return
+    arrow = {"float32": pa.float32(), "int64": pa.int64(), "string": pa.string()}
+    fields = [pa.field(USER_KEY, pa.string()), pa.field(EVENT_TIMESTAMP, pa.timestamp("us", tz="UTC"))]
+    for name in REALTIME_FEATURES:
+        dtype = BY_NAME[name].dtype
+        base = arrow[dtype.removesuffix("_list")]
+        fields.append(pa.field(name, pa.list_(base) if dtype.endswith("_list") else base))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.schema(fields).empty_table(), path)
+
+
+def apply(store: FeatureStore, bundle_dir: Path) -> list[str]:
+    """Register (or update) every definition, with the batch sources over `bundle_dir`. Idempotent."""
+    _ensure_event_log()
+    objs = defs.objects(Path(bundle_dir).resolve())
+    store.apply(objs)
+    return [f"{type(o).__name__} {o.name}" for o in objs]  # type: ignore[attr-defined]
+
+
+def marker_key(project: str, version: str) -> str:
+    return f"recserve:{project}:materialized:{version}"
+
+
+def materialize(store: FeatureStore, settings: StoreSettings, bundle_dir: Path, manifest: dict[str, Any]) -> dict:
+    """Load one bundle's batch features into Redis under its version. Idempotent; other bundles' rows stay."""
+    bundle_dir = Path(bundle_dir).resolve()
+    apply(store, bundle_dir)
+    cutoff = pd.Timestamp(manifest["split"]["cutoff"]).tz_localize("UTC")
+    # The rows are all stamped with the cutoff: a two-second window around it takes exactly them.
+    try:
+        store.materialize(
+            start_date=(cutoff - pd.Timedelta(seconds=1)).to_pydatetime(),
+            end_date=(cutoff + pd.Timedelta(seconds=1)).to_pydatetime(),
+            feature_views=[defs.USER_BATCH, defs.ITEM_BATCH],
+        )
+    except REDIS_ERRORS as exc:
+        raise unavailable(settings, exc) from None
+    version = str(manifest["version"])
+    items = pd.read_parquet(bundle_dir / "item_features.parquet", columns=[ITEM_KEY])[ITEM_KEY]
+    users = pd.read_parquet(bundle_dir / "user_features.parquet", columns=[USER_KEY])[USER_KEY]
+    client = require_redis(settings)
+    # Check what landed before marking the bundle servable: every item row and every user row.
+    present_items = _count_present(client, [batch_key(settings.project, version, ITEM_KEY, i) for i in items])
+    present_users = _count_present(client, [batch_key(settings.project, version, USER_KEY, u) for u in users])
+    if present_items != len(items) or present_users != len(users):
+        raise NotMaterializedError(
+            f"after materializing {version}, Redis holds {present_items}/{len(items)} item rows and "
+            f"{present_users}/{len(users)} user rows: check Redis's memory limit and rerun"
+        )
+    record = {"items": len(items), "users": len(users), "cutoff": str(cutoff), "bundle": str(bundle_dir)}
+    client.set(marker_key(settings.project, version), json.dumps(record))
+    return record
+
+
+def _count_present(client: redis.Redis, keys: list[bytes]) -> int:
+    with client.pipeline(transaction=False) as pipe:
+        for k in keys:
+            pipe.exists(k)
+        return int(sum(pipe.execute()))
+
+
+def entity_key(project: str, **join_keys: str) -> bytes:
+    """Feast's Redis key for one entity row: serialized join keys (sorted), then the project name."""
+    proto = EntityKeyProto(
+        join_keys=list(join_keys), entity_values=[ValueProto(string_val=v) for v in join_keys.values()]
+    )
+    return serialize_entity_key(proto, entity_key_serialization_version=ENTITY_KEY_VERSION) + project.encode()
+
+
+def batch_key(project: str, version: str, key_name: str, value: str) -> bytes:
+    return entity_key(project, **{BUNDLE_KEY: version, key_name: value})
+
+
+def _fields(view: str, names: Sequence[str]) -> list[bytes | str]:
+    return [*(_mmh3(f"{view}:{n}") for n in names), f"_ts:{view}"]
+
+
+USER_BATCH_FIELDS = _fields(defs.USER_BATCH, USER_FEATURES)
+REALTIME_FIELDS = _fields(defs.USER_REALTIME, REALTIME_FEATURES)
+ITEM_FIELDS = _fields(defs.ITEM_BATCH, ITEM_FEATURES)
+
+
+def decode(raw: bytes | None) -> Any:
+    """One stored ValueProto as a Python value (lists for list types); None where nothing or null is stored."""
+    if raw is None:
+        return None
+    value = ValueProto.FromString(raw)
+    kind = value.WhichOneof("val")
+    if kind is None or kind == "null_val":
+        return None
+    out = getattr(value, kind)
+    return list(out.val) if kind.endswith("_list_val") else out
+
+
+def decode_ts_ns(raw: bytes | None) -> int:
+    if raw is None:
+        return 0
+    ts = Timestamp.FromString(raw)
+    return ts.seconds * 1_000_000_000 + ts.nanos
+
+
+def _row(names: Sequence[str], raw: list[bytes | None]) -> dict[str, Any]:
+    """One HMGET reply (features, then the _ts field) as feature name → value."""
+    return dict(zip(names, map(decode, raw[:-1]), strict=True))
+
+
+def _numeric(values: dict[str, Any], names: Sequence[str]) -> np.ndarray:
+    return np.array(
+        [float(BY_NAME[n].default) if values.get(n) is None else values[n] for n in names],  # type: ignore[arg-type]
+        dtype=np.float32,
+    )
+
+
+@dataclass(frozen=True)
+class UserFeatures:
+    user_id: str
+    known: bool  # the bundle has a batch row for this user
+    numeric: np.ndarray  # float32, USER_NUMERIC_FEATURES order; each feature's default when unknown
+    country: str
+    realtime: Realtime
+
+    @classmethod
+    def from_values(cls, user_id: str, values: dict[str, Any]) -> UserFeatures:
+        """From feature name → stored value (None where absent), whichever reader produced them."""
+        known = any(values.get(n) is not None for n in USER_FEATURES)
+        country = values.get("user_country")
+        return cls(
+            user_id=user_id,
+            known=known,
+            numeric=_numeric(values, USER_NUMERIC_FEATURES),
+            country=str(BY_NAME["user_country"].default) if country is None else str(country),
+            realtime=Realtime.from_columns({n: values.get(n) for n in REALTIME_FEATURES}),
+        )
+
+
+@dataclass(frozen=True)
+class Hydrated:
+    user: UserFeatures
+    items: np.ndarray  # int64 catalog indices, as asked
+    item_features: np.ndarray  # float32 (len(items), len(ITEM_FEATURES)), ITEM_FEATURES order
+
+
+class OnlineFeatures:
+    """The request-time read path for one bundle: the user's rows from Redis on every call, item features
+    from memory (they are static for a bundle)."""
+
+    MAX_ITEMS = 500
+
+    def __init__(
+        self,
+        settings: StoreSettings,
+        version: str,
+        item_ids: np.ndarray,
+        item_matrix: np.ndarray,
+        client: redis.Redis | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client = client or settings.client()  # connects lazily
+        self.version = version
+        self.item_ids = item_ids
+        self.item_index = {item: i for i, item in enumerate(item_ids.tolist())}
+        self.item_matrix = item_matrix
+
+    @classmethod
+    def load(cls, settings: StoreSettings, version: str, item_ids: Sequence[str]) -> OnlineFeatures:
+        """Read the bundle's item features from the store once; refuse a bundle that is not materialized."""
+        client = require_redis(settings)
+        try:
+            marked = client.exists(marker_key(settings.project, version))
+            with client.pipeline(transaction=False) as pipe:
+                for item in item_ids:
+                    pipe.hmget(batch_key(settings.project, version, ITEM_KEY, item), ITEM_FIELDS)
+                rows = pipe.execute()
+        except REDIS_ERRORS as exc:
+            raise unavailable(settings, exc) from None
+        missing = [item for item, row in zip(item_ids, rows, strict=True) if row[-1] is None]
+        if not marked or missing:
+            raise NotMaterializedError(
+                f"bundle {version} is not in the feature store (project {settings.project}; "
+                f"{len(missing)} of {len(item_ids)} items missing): run "
+                f"`recserve features materialize --bundle <its directory>`"
+            )
+        matrix = np.stack([_numeric(_row(ITEM_FEATURES, row), ITEM_FEATURES) for row in rows])
+        return cls(settings, version, np.asarray(item_ids, dtype=str), matrix, client)
+
+    def user(self, user_id: str) -> UserFeatures:
+        project = self.settings.project
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.hmget(batch_key(project, self.version, USER_KEY, user_id), USER_BATCH_FIELDS)
+                pipe.hmget(entity_key(project, **{USER_KEY: user_id}), REALTIME_FIELDS)
+                batch, realtime = pipe.execute()
+        except REDIS_ERRORS as exc:
+            raise unavailable(self.settings, exc) from None
+        return UserFeatures.from_values(user_id, {**_row(USER_FEATURES, batch), **_row(REALTIME_FEATURES, realtime)})
+
+    def read(self, user_id: str, items: np.ndarray) -> Hydrated:
+        """The user's batch and real-time features and, for up to MAX_ITEMS catalog indices, the item features."""
+        if items.shape[0] > self.MAX_ITEMS:
+            raise ValueError(f"{items.shape[0]} candidate items asked; the read path takes at most {self.MAX_ITEMS}")
+        return Hydrated(self.user(user_id), items, self.item_matrix[items])
+
+
+def read_realtime(client: redis.Redis, project: str, user_ids: Sequence[str]) -> dict[str, tuple[Realtime, int]]:
+    """Each user's event window and the Feast timestamp (ns) of its row, 0 when none: the writer's read."""
+    with client.pipeline(transaction=False) as pipe:
+        for u in user_ids:
+            pipe.hmget(entity_key(project, **{USER_KEY: u}), REALTIME_FIELDS)
+        rows = pipe.execute()
+    return {
+        u: (Realtime.from_columns(_row(REALTIME_FEATURES, row)), decode_ts_ns(row[-1]))
+        for u, row in zip(user_ids, rows, strict=True)
+    }
+
+
+def read_user_via_feast(store: FeatureStore, version: str, user_id: str) -> UserFeatures:
+    """The same read through Feast's SDK and the ingress feature service: the reference for the fast path."""
+    response = store.get_online_features(
+        features=store.get_feature_service(defs.INGRESS_SERVICE),
+        entity_rows=[{USER_KEY: user_id, BUNDLE_KEY: version}],
+    ).to_dict()
+    return UserFeatures.from_values(user_id, {name: response[name][0] for name in (*USER_FEATURES, *REALTIME_FEATURES)})
+
+
+def _is_entity_key(raw: bytes) -> bool:
+    # Exactly a serialized entity key, so project "x_recserve"'s keys never pass for project "recserve"'s.
+    try:
+        proto = deserialize_entity_key(raw, entity_key_serialization_version=ENTITY_KEY_VERSION)
+        return serialize_entity_key(proto, entity_key_serialization_version=ENTITY_KEY_VERSION) == raw
+    except Exception:
+        return False
+
+
+def drop_project(store: FeatureStore, settings: StoreSettings) -> int:
+    """Delete every online row and recserve key of one project (tests and benches use scratch projects)."""
+    client = require_redis(settings)
+    suffix = settings.project.encode()
+    keys = [k for k in client.scan_iter(match=b"*" + suffix, count=1000) if _is_entity_key(k[: -len(suffix)])]
+    keys += list(client.scan_iter(match=f"recserve:{settings.project}:*", count=1000))
+    for lo in range(0, len(keys), 1000):
+        client.delete(*keys[lo : lo + 1000])
+    return len(keys)

@@ -1,0 +1,43 @@
+"""Feature-store fixtures: a Feast project of the session's own on the real Redis, dropped afterwards."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.store import OnlineFeatures, StoreSettings, drop_project, materialize, open_store
+
+
+def scratch_settings(registry_dir: Path) -> StoreSettings:
+    # The project name suffixes every Redis key, so these tests never touch the demo's rows.
+    return StoreSettings(project=f"test_{uuid.uuid4().hex[:12]}", registry=registry_dir / "registry.db")
+
+
+@pytest.fixture(scope="session")
+def store_settings(tmp_path_factory) -> StoreSettings:
+    return scratch_settings(tmp_path_factory.mktemp("feast"))
+
+
+@pytest.fixture(scope="session")
+def feature_store(store_settings):
+    store = open_store(store_settings)
+    yield store
+    drop_project(store, store_settings)
+
+
+def manifest(bundle: Path) -> dict:
+    return json.loads((bundle / "manifest.json").read_text())
+
+
+def catalog(bundle: Path) -> list[str]:
+    return pd.read_parquet(bundle / "catalog.parquet")["item_id"].tolist()
+
+
+@pytest.fixture(scope="session")
+def slice_online(feature_store, store_settings, small_bundle) -> OnlineFeatures:
+    materialize(feature_store, store_settings, small_bundle, manifest(small_bundle))
+    return OnlineFeatures.load(store_settings, "slice-v1", catalog(small_bundle))

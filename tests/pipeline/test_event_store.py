@@ -1,0 +1,145 @@
+"""Events through the push path against the real Redis: concurrency, equivalence with Feast's push, failures."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+
+import pandas as pd
+import pytest
+from feast.data_source import PushMode
+
+from feature_repo import definitions as defs
+from models.errors import StoreUnavailableError, WriteConflictError
+from models.features import EVENT_TIMESTAMP, USER_KEY
+from models.realtime import EVENT_TYPES, Realtime
+from pipeline.events import EventSettings, EventWriter, validate_events
+from pipeline.store import StoreSettings, entity_key
+from tests.pipeline.conftest import catalog
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def items(small_bundle) -> list[str]:
+    return catalog(small_bundle)
+
+
+@pytest.fixture(scope="module")
+def writer(slice_online, feature_store, store_settings) -> EventWriter:
+    return EventWriter(feature_store, store_settings, EventSettings())
+
+
+def test_an_event_is_visible_to_the_next_read(writer, slice_online, items):
+    before = slice_online.user("12347").realtime
+    writer.write(
+        validate_events(
+            [{"user_id": "12347", "item_id": items[3], "event_type": "add_to_cart"}], set(items), writer.settings
+        )
+    )
+    after = slice_online.user("12347").realtime
+    assert after.event_count == before.event_count + 1
+    assert after.events[0].item_id == items[3] and after.events[0].event_type == "add_to_cart"
+    now_ms = after.events[0].ts_ms
+    assert after.counts(now_ms)["1h"]["add_to_cart"] == before.counts(now_ms)["1h"]["add_to_cart"] + 1
+
+
+def test_twenty_concurrent_writers_lose_and_double_count_nothing(feature_store, store_settings, slice_online, items):
+    """200 events for one user from 20 writers, each with its own connection, in batches of 1-3."""
+    user = "concurrency-user"
+    base = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=30)
+    sent = [
+        {
+            "user_id": user,
+            "item_id": items[n % len(items)],
+            "event_type": EVENT_TYPES[n % 3],
+            "timestamp": (base + dt.timedelta(milliseconds=10 * n)).isoformat(),
+        }
+        for n in range(200)
+    ]
+    errors: list[BaseException] = []
+    start = threading.Barrier(20)
+
+    def run(w: int) -> None:
+        try:
+            writer = EventWriter(feature_store, store_settings, EventSettings())
+            mine = sent[w::20]
+            start.wait()
+            pos = 0
+            while pos < len(mine):
+                size = 1 + (pos + w) % 3
+                writer.write(validate_events(mine[pos : pos + size], set(items), writer.settings))
+                pos += size
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    got = slice_online.user(user).realtime
+    assert got.event_count == 200
+    stored = sorted((e.ts_ms, e.item_id, e.event_type) for e in got.events)
+    expected = sorted(
+        (int(dt.datetime.fromisoformat(s["timestamp"]).timestamp() * 1000), s["item_id"], s["event_type"]) for s in sent
+    )
+    assert stored == expected  # every event once, none twice
+    assert [e.ts_ms for e in got.events] == sorted((e.ts_ms for e in got.events), reverse=True)
+    counts = got.counts(expected[-1][0] + 1)
+    assert counts["1h"] == {"view": 67, "add_to_cart": 67, "purchase": 66}
+    assert counts["1d"] == counts["1h"]
+    assert got.last_event_ts_ms == expected[-1][0]
+
+
+def test_the_writer_stores_exactly_what_feast_push_stores(writer, feature_store, store_settings):
+    window = Realtime.empty().merged([], 0, writer.settings.window)
+    ts = dt.datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=dt.UTC)
+    columns = window.columns() | {
+        "rt_event_item_ids": ["85123A", "22423"],
+        "rt_event_types": ["view", "purchase"],
+        "rt_event_ts_ms": [1767323045678, 1767323045000],
+        "rt_last_event_ts_ms": 1767323045678,
+        "rt_event_count": 7,
+    }
+    writer.push_rows([{USER_KEY: "via-writer", EVENT_TIMESTAMP: ts, **columns}])
+    feature_store.push(
+        defs.PUSH_SOURCE, pd.DataFrame([{USER_KEY: "via-feast", EVENT_TIMESTAMP: ts, **columns}]), to=PushMode.ONLINE
+    )
+    client = store_settings.client()
+    ours = client.hgetall(entity_key(store_settings.project, **{USER_KEY: "via-writer"}))
+    feasts = client.hgetall(entity_key(store_settings.project, **{USER_KEY: "via-feast"}))
+    assert ours and ours == feasts
+
+
+def test_a_dead_redis_is_a_retryable_error_and_nothing_is_half_written(
+    writer, feature_store, store_settings, slice_online, items
+):
+    dead = StoreSettings(redis="127.0.0.1:1", project=store_settings.project, registry=store_settings.registry)
+    broken = EventWriter(feature_store, dead, EventSettings())
+    events = validate_events(
+        [{"user_id": "retry-user", "item_id": items[0], "event_type": "view"}], set(items), broken.settings
+    )
+    with pytest.raises(StoreUnavailableError, match="retry") as info:
+        broken.write(events)
+    assert info.value.retryable
+    assert slice_online.user("retry-user").realtime.event_count == 0
+    writer.write(events)  # the caller's retry
+    assert slice_online.user("retry-user").realtime.event_count == 1
+
+
+def test_a_lock_held_too_long_is_a_retryable_conflict(feature_store, store_settings, items):
+    impatient = EventWriter(feature_store, store_settings, EventSettings(lock_wait_ms=50))
+    client = store_settings.client()
+    key = f"recserve:{store_settings.project}:event-lock:locked-user"
+    client.set(key, "someone-else", px=10_000)
+    try:
+        events = validate_events(
+            [{"user_id": "locked-user", "item_id": items[0], "event_type": "view"}], set(items), impatient.settings
+        )
+        with pytest.raises(WriteConflictError, match="retry") as info:
+            impatient.write(events)
+        assert info.value.retryable
+    finally:
+        client.delete(key)
