@@ -90,6 +90,20 @@ def _measure(
         t0 = time.perf_counter()
         online.read(u, items)
         full_reads.append(time.perf_counter() - t0)
+    # The worst case the window allows: a user with max_events events in the last day.
+    heavy = "bench-heavy-user"
+    cap = writer.settings.max_events
+    for lo in range(0, cap, writer.settings.max_batch):
+        raw = [
+            {"user_id": heavy, "item_id": item_ids[(lo + j) % len(item_ids)], "event_type": "view"}
+            for j in range(min(writer.settings.max_batch, cap - lo))
+        ]
+        writer.write(validate_events(raw, known, writer.settings))
+    heavy_reads = []
+    for _ in range(2000):
+        t0 = time.perf_counter()
+        online.user(heavy)
+        heavy_reads.append(time.perf_counter() - t0)
     feast_reads = []
     for u in sample[:300]:
         t0 = time.perf_counter()
@@ -104,6 +118,7 @@ def _measure(
             f"hydrate one user, batch + real-time (raw read; {events_held:.1f} events per active user): "
             f"{_pcts(user_reads)}",
             f"hydrate one user + 200 candidate items' features: {_pcts(full_reads)}",
+            f"hydrate a heavy user ({len(online.user(heavy).realtime)} events in the window): {_pcts(heavy_reads)}",
             f"same user read through Feast get_online_features(ingress_v1): {_pcts(feast_reads)}",
         ]
     )
