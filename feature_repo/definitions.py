@@ -16,6 +16,7 @@ from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSo
 from feast.types import Array, FeastType, Float32, Int64, String
 
 from models.features import BUNDLE_KEY, EVENT_TIMESTAMP, FEATURES, ITEM_KEY, USER_KEY, USER_NUMERIC_FEATURES
+from models.snapshot import ITEM_FEATURES_FILE, USER_FEATURES_FILE
 
 REPO = Path(__file__).resolve().parent
 ARTIFACTS = REPO.parent / "artifacts"
@@ -79,33 +80,25 @@ user_realtime = FeatureView(
 )
 
 
+def _batch_view(name: str, key_entity: Entity, group: str, file: Path) -> FeatureView:
+    source = FileSource(name=f"{group}_features_file", path=str(file), timestamp_field=EVENT_TIMESTAMP)
+    return FeatureView(
+        name=name,
+        entities=[bundle, key_entity],
+        ttl=timedelta(0),
+        schema=fields(group),
+        source=source,
+        online=True,
+        description=f"{group} features as of the bundle's cutoff",
+    )
+
+
 def batch_views(bundle_dir: Path) -> tuple[FeatureView, FeatureView]:
     """The batch views over one bundle's feature files (`recserve train` writes them for its cutoff)."""
-    users = FileSource(
-        name="user_features_file", path=str(bundle_dir / "user_features.parquet"), timestamp_field=EVENT_TIMESTAMP
+    return (
+        _batch_view(USER_BATCH, customer, "user", bundle_dir / USER_FEATURES_FILE),
+        _batch_view(ITEM_BATCH, product, "item", bundle_dir / ITEM_FEATURES_FILE),
     )
-    items = FileSource(
-        name="item_features_file", path=str(bundle_dir / "item_features.parquet"), timestamp_field=EVENT_TIMESTAMP
-    )
-    user_view = FeatureView(
-        name=USER_BATCH,
-        entities=[bundle, customer],
-        ttl=timedelta(0),
-        schema=fields("user"),
-        source=users,
-        online=True,
-        description="user features as of the bundle's cutoff",
-    )
-    item_view = FeatureView(
-        name=ITEM_BATCH,
-        entities=[bundle, product],
-        ttl=timedelta(0),
-        schema=fields("item"),
-        source=items,
-        online=True,
-        description="item features as of the bundle's cutoff",
-    )
-    return user_view, item_view
 
 
 def services(user_view: FeatureView, item_view: FeatureView) -> tuple[FeatureService, FeatureService]:

@@ -42,6 +42,7 @@ from models.features import (
     USER_NUMERIC_FEATURES,
 )
 from models.realtime import Realtime
+from models.snapshot import ITEM_FEATURES_FILE, USER_FEATURES_FILE
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -197,8 +198,8 @@ def materialize(store: FeatureStore, settings: StoreSettings, bundle_dir: Path, 
     except REDIS_ERRORS as exc:
         raise unavailable(settings, exc) from None
     version = str(manifest["version"])
-    items = pd.read_parquet(bundle_dir / "item_features.parquet", columns=[ITEM_KEY])[ITEM_KEY]
-    users = pd.read_parquet(bundle_dir / "user_features.parquet", columns=[USER_KEY])[USER_KEY]
+    items = pd.read_parquet(bundle_dir / ITEM_FEATURES_FILE, columns=[ITEM_KEY])[ITEM_KEY]
+    users = pd.read_parquet(bundle_dir / USER_FEATURES_FILE, columns=[USER_KEY])[USER_KEY]
     client = require_redis(settings)
     # Check what landed before marking the bundle servable: every item row and every user row.
     present_items = _count_present(client, [batch_key(settings.project, version, ITEM_KEY, i) for i in items])
