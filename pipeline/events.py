@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import random
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -56,7 +57,7 @@ class EventSettings(BaseModel):
     keep_last: int = Field(50, ge=1, le=1000, description="newest events kept whatever their age")
     max_events: int = Field(1000, ge=1, le=100_000, description="events kept for the last day's counts")
     lock_ttl_ms: int = Field(5000, ge=100, description="a crashed writer's lock frees itself after this")
-    lock_wait_ms: int = Field(2000, ge=10, description="how long a writer waits for a user's lock")
+    lock_wait_ms: int = Field(5000, ge=10, description="how long a writer waits for a user's lock")
 
     @property
     def window(self) -> WindowSettings:
@@ -166,13 +167,16 @@ class EventWriter:
         try:
             for u in sorted(users):
                 key = self._lock_key(u)
+                attempt = 0
                 while not self.client.set(key, token, nx=True, px=self.settings.lock_ttl_ms):
                     if time.monotonic() > deadline:
                         raise WriteConflictError(
                             f"user {u!r}'s events are locked by another writer for over "
                             f"{self.settings.lock_wait_ms} ms: retry the batch"
                         )
-                    time.sleep(0.001)
+                    # Jittered backoff, capped at 20 ms: waiters that spin tightly slow the holder down.
+                    time.sleep(random.uniform(0.5, 1.5) * min(0.001 * 2**attempt, 0.02))
+                    attempt += 1
                 held.append(key)
             yield
         finally:
