@@ -121,10 +121,7 @@ class Bundle:
 
 
 def load(directory: Path, device: str = "cpu", blender_threads: int = 1) -> Bundle:
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    verify(directory, manifest)
-    settings = TrainSettings.model_validate(manifest["settings"])
+    directory, manifest, settings = verified(directory)
     cutoff = pd.Timestamp(manifest["split"]["cutoff"])
     snapshot = Snapshot.load(directory, cutoff, settings.candidates.history_half_life_days)
     recommender = Recommender(
@@ -156,3 +153,34 @@ def check_version_name(version: str) -> str:
             "starting with a letter or digit"
         )
     return version
+
+
+@dataclass
+class ServingCore:
+    """What the ingress holds: the snapshot (history, user-item features), popularity and the catalog.
+    The model stages load their own artifacts, so each replica reads only what it serves."""
+
+    path: Path
+    manifest: dict[str, Any]
+    settings: TrainSettings
+    snapshot: Snapshot
+    popularity: Popularity
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest["version"])
+
+
+def verified(directory: Path) -> tuple[Path, dict[str, Any], TrainSettings]:
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    verify(directory, manifest)
+    return directory, manifest, TrainSettings.model_validate(manifest["settings"])
+
+
+def load_core(directory: Path) -> ServingCore:
+    directory, manifest, settings = verified(directory)
+    cutoff = pd.Timestamp(manifest["split"]["cutoff"])
+    snapshot = Snapshot.load(directory, cutoff, settings.candidates.history_half_life_days)
+    popularity = Popularity.load(directory, snapshot.item_ids)
+    return ServingCore(directory, manifest, settings, snapshot, popularity)

@@ -53,9 +53,7 @@ class Recommender:
         self._popular = self.popularity.top(candidates.n_popular)
 
     def history(self, user: int) -> tuple[np.ndarray, np.ndarray]:
-        items, scores = self.snapshot.user_history(user)
-        order = np.lexsort((items, -scores))[: self.settings.n_history]
-        return items[order], scores[order]
+        return self.snapshot.history_list(user, self.settings.n_history)
 
     def content_profile(self, history: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         """Taste vector from a user's history list (as `history` returns it: best recency-weighted score first)."""

@@ -108,6 +108,12 @@ class Snapshot:
         lo, hi = row.indptr[u], row.indptr[u + 1]
         return row.indices[lo:hi].astype(np.int64), row.data[lo:hi]
 
+    def history_list(self, u: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The user's n best items by recency-weighted score, best first (ties by item index)."""
+        items, scores = self.user_history(u)
+        order = np.lexsort((items, -scores))[:n]
+        return items[order], scores[order]
+
     def ui_features(self, u: int | None, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """ui_times_bought and ui_days_since_last_bought for the given items (0 and NaN if never bought)."""
         if u is None:

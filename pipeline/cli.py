@@ -153,6 +153,12 @@ def cmd_features_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pipeline.serving_cmd import serve
+
+    return serve(args.config, args.http_port, args.timeout, args.num_cpus)
+
+
 def _data_and_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Online Retail parquet (default: shipped copy)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -216,6 +222,24 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--project", help="Feast project (default: RECSERVE_FEAST_PROJECT or recserve)")
         p.set_defaults(func=func)
+
+    srv = sub.add_parser(
+        "serve",
+        help="run the recommendation service on Ray Serve until SIGTERM or Ctrl-C",
+        description="Start a local Ray head (port 6380) unless one runs at RAY_ADDRESS, `serve run` the config, "
+        "wait until the app answers, print a curl line. On SIGTERM or Ctrl-C it shuts the app down and stops "
+        "the Ray it started.",
+    )
+    srv.add_argument(
+        "--config",
+        type=Path,
+        default=PROJECT_ROOT / "deploy" / "serve_config.yaml",
+        help="serve config (default: deploy/serve_config.yaml, colocated)",
+    )
+    srv.add_argument("--http-port", type=int, default=8000, help="the config's HTTP port (default: %(default)s)")
+    srv.add_argument("--timeout", type=float, default=300, help="seconds to wait for the app (default: %(default)s)")
+    srv.add_argument("--num-cpus", type=int, help="CPUs for a Ray head it starts (default: all)")
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

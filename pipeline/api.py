@@ -1,0 +1,296 @@
+"""The HTTP layer: routes, the one place errors become status codes, request ids and the body-size limit.
+
+`build_api` makes a FastAPI app whose routes call whatever `Api` the getter returns, so the same app serves
+inside a Ray Serve ingress replica or under plain uvicorn.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from models.errors import (
+    ConfigError,
+    FeatureStoreError,
+    InvalidEventError,
+    NotMaterializedError,
+    RecserveError,
+    StoreUnavailableError,
+    WriteConflictError,
+)
+from pipeline.events import EventSettings, EventWriter, validate_events
+from pipeline.metrics import NullRecorder
+from pipeline.schemas import (
+    ErrorBody,
+    EventsAccepted,
+    EventsRequest,
+    ItemOut,
+    RecommendRequest,
+    RecommendResponse,
+    SimilarResponse,
+)
+from pipeline.service import Item, RecommendService, Result
+from pipeline.service import Query as ServiceQuery
+from pipeline.store import StoreSettings, require_redis
+
+log = logging.getLogger("recserve")
+
+# The one mapping from named errors to HTTP status codes.
+ERROR_STATUS: dict[type[RecserveError], int] = {
+    InvalidEventError: 422,
+    ConfigError: 400,
+    StoreUnavailableError: 503,
+    WriteConflictError: 503,
+    NotMaterializedError: 503,
+    FeatureStoreError: 503,
+}
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+ROUTES = {"/recommend", "/events", "/healthz", "/readyz", "/docs", "/openapi.json"}
+
+
+def status_for(exc: RecserveError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in ERROR_STATUS:
+            return ERROR_STATUS[cls]
+    return 400
+
+
+class Api:
+    """What the routes do, over one RecommendService; plain Python, no Ray."""
+
+    def __init__(
+        self,
+        service: RecommendService,
+        store_settings: StoreSettings,
+        event_settings: EventSettings,
+        writer_factory: Callable[[], EventWriter],
+        recorder: Any = None,
+    ) -> None:
+        self.service = service
+        self.store_settings = store_settings
+        self.event_settings = event_settings
+        self.known_items = frozenset(service.snapshot.item_ids.tolist())
+        self._writer_factory = writer_factory
+        self._writer: EventWriter | None = None
+        self.recorder = recorder or NullRecorder()
+
+    def writer(self) -> EventWriter:
+        # Made on first use, so an ingress that started while Redis was down can take events once it is back.
+        if self._writer is None:
+            self._writer = self._writer_factory()
+        return self._writer
+
+    async def recommend(self, body: RecommendRequest) -> Result:
+        q = ServiceQuery(user_id=body.user_id, k=body.k, exclude=tuple(body.exclude), query=body.query)
+        try:
+            return await self.service.recommend(q)
+        except Exception:
+            # Never a 500 for a valid request: the popularity list is always there.
+            log.exception("recommend failed for user %s; serving popularity", body.user_id)
+            self.recorder.fallback("internal_error")
+            return self.popular(q)
+
+    def popular(self, q: ServiceQuery) -> Result:
+        s = self.service
+        exclude = {s.item_index[x] for x in q.exclude if x in s.item_index}
+        picks = [i for i in s.fill_items.tolist() if i not in exclude][: q.k]
+        items = [
+            Item(
+                str(s.snapshot.item_ids[i]),
+                str(s.descriptions[i]),
+                float(s.fill_scores[n]),
+                ("popularity",),
+                "popular in the last 30 days",
+            )
+            for n, i in enumerate(picks)
+        ]
+        return Result(q.user_id, s.core.version, items, True, "internal_error", {}, 0, ["internal_error"])
+
+    def events(self, raw: list[Any]) -> int:
+        try:
+            events = validate_events(raw, self.known_items, self.event_settings)
+        except InvalidEventError:
+            self.recorder.events("rejected", len(raw) if isinstance(raw, list) else 1)
+            raise
+        accepted = self.writer().write(events).accepted
+        self.recorder.events("accepted", accepted)
+        return accepted
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        try:
+            require_redis(self.store_settings)
+            redis_ok, detail = True, "reachable"
+        except StoreUnavailableError as exc:
+            redis_ok, detail = False, str(exc)
+        return redis_ok, {"models": "loaded", "model_version": self.service.core.version, "redis": detail}
+
+
+def _items(items: list[Item]) -> list[ItemOut]:
+    return [
+        ItemOut(item_id=i.item_id, description=i.description, score=i.score, sources=list(i.sources), reason=i.reason)
+        for i in items
+    ]
+
+
+def _error(
+    request_id: str, status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = ErrorBody(request_id=request_id, error=message, field=field).model_dump()
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _validation_message(err: dict[str, Any]) -> tuple[str, str]:
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    field = ".".join(loc) or "body"
+    kind = err.get("type", "")
+    if kind == "json_invalid":
+        return (
+            "body",
+            f"the body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')}): send a JSON object",
+        )
+    if kind == "extra_forbidden":
+        return field, f"{field!r} is not a field of this request: remove it (see /docs)"
+    if kind == "missing":
+        return field, f"{field!r} is required"
+    return field, f"{field}: {err.get('msg', 'invalid')}"
+
+
+class Edge:
+    """Pure ASGI middleware: request ids, the body-size limit (413) and request metrics, at little cost."""
+
+    def __init__(self, app: Any, max_body_bytes: int, recorder: Callable[[], Any]) -> None:
+        self.app = app
+        self.max_body = max_body_bytes
+        self.recorder = recorder
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        given = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), "")
+        rid = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        status = {"code": 500}
+        path = scope.get("path", "")
+        route = path if path in ROUTES else ("/items/similar" if path.startswith("/items/") else "other")
+
+        async def send_with_id(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                headers = list(message.get("headers", []))
+                # Serve's proxy sets the header itself (with the same id); under plain uvicorn this does.
+                if not any(k.lower() == b"x-request-id" for k, _ in headers):
+                    headers.append((b"x-request-id", rid.encode()))
+                message["headers"] = headers
+            await send(message)
+
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            await _error(rid, 413, f"the body is {int(length)} bytes; the limit is {self.max_body}: send less", "body")(
+                scope, receive, send_with_id
+            )
+        else:
+            received = 0
+
+            async def counted() -> dict:
+                nonlocal received
+                message = await receive()
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise _TooLarge
+                return message
+
+            try:
+                await self.app(scope, counted, send_with_id)
+            except _TooLarge:
+                await _error(rid, 413, f"the body exceeds {self.max_body} bytes: send less", "body")(
+                    scope, receive, send_with_id
+                )
+        self.recorder().request(route, status["code"], (time.perf_counter() - started) * 1000)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def build_api(get: Callable[[], Api], max_body_bytes: int = 1_000_000) -> FastAPI:
+    app = FastAPI(
+        title="recserve",
+        version="1",
+        description="Ensemble recommendations (implicit ALS, MiniLM content, LightGBM LambdaRank) over Feast on Redis.",
+    )
+
+    def rid(request: Request) -> str:
+        return request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        field, message = _validation_message(errors[0]) if errors else ("body", "invalid request")
+        status = 400 if errors and errors[0].get("type") == "json_invalid" else 422
+        return _error(rid(request), status, message, field)
+
+    @app.exception_handler(RecserveError)
+    async def named(request: Request, exc: RecserveError) -> JSONResponse:
+        status = status_for(exc)
+        field = exc.field if isinstance(exc, InvalidEventError) else None
+        headers = {"Retry-After": "1"} if getattr(exc, "retryable", False) else None
+        return _error(rid(request), status, str(exc), field, headers)
+
+    @app.post("/recommend", response_model=RecommendResponse, responses={422: {"model": ErrorBody}})
+    async def recommend(body: RecommendRequest, request: Request) -> RecommendResponse:
+        r = await get().recommend(body)
+        return RecommendResponse(
+            request_id=rid(request),
+            user_id=r.user_id,
+            model_version=r.model_version,
+            items=_items(r.items),
+            degraded=r.degraded,
+            fallback_reason=r.fallback_reason,
+            timings_ms=r.timings_ms,
+        )
+
+    @app.post(
+        "/events",
+        status_code=202,
+        response_model=EventsAccepted,
+        responses={422: {"model": ErrorBody}, 503: {"model": ErrorBody}},
+    )
+    async def events(body: EventsRequest, request: Request) -> EventsAccepted:
+        return EventsAccepted(request_id=rid(request), accepted=get().events(body.events))
+
+    @app.get("/items/{item_id}/similar", response_model=SimilarResponse, responses={404: {"model": ErrorBody}})
+    async def similar(item_id: str, request: Request, k: int = Query(10, ge=1, le=100)) -> Any:
+        api = get()
+        found = await api.service.similar(item_id, k)
+        if found is None:
+            return _error(
+                rid(request),
+                404,
+                f"item {item_id!r} is not in the catalog of bundle {api.service.core.version}",
+                "item_id",
+            )
+        return SimilarResponse(
+            request_id=rid(request), item_id=item_id, model_version=api.service.core.version, items=_items(found)
+        )
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> JSONResponse:
+        ok, detail = get().ready()
+        return JSONResponse({"ready": ok, **detail}, status_code=200 if ok else 503)
+
+    app.add_middleware(Edge, max_body_bytes=max_body_bytes, recorder=lambda: get().recorder)
+    return app

@@ -1,0 +1,53 @@
+"""The one typed app builder named in every serve config: `import_path: pipeline.app:build_app`.
+
+It binds the same stage classes in the topology the config names: `colocated` (the models run inside the
+ingress replica) or `distributed` (each model is a deployment of its own, with its own replicas and hardware).
+"""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray.serve import Application
+
+from pipeline.events import EventSettings
+from pipeline.service import Knobs
+from pipeline.store import StoreSettings
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class AppArgs(BaseModel):
+    """The serve config's `args`: validated when the app is built, so a bad config fails before deploying."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    topology: Literal["colocated", "distributed"] = "colocated"
+    bundle: Path | None = Field(None, description="bundle directory; default: the one <artifacts>/LATEST names")
+    artifacts: Path = Field(PROJECT_ROOT / "artifacts", description="relative paths resolve from the project root")
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    events: EventSettings = EventSettings()
+    knobs: Knobs = Field(Knobs(), description="initial runtime knobs; the Ingress's user_config overrides them")
+    max_body_bytes: int = Field(1_000_000, ge=1024, le=100_000_000)
+    stage_threads: int = Field(4, ge=1, le=64, description="colocated: worker threads for the model stages")
+
+    def bundle_path(self) -> Path:
+        from models.bundle import resolve
+
+        artifacts = self.artifacts if self.artifacts.is_absolute() else PROJECT_ROOT / self.artifacts
+        path = resolve(self.bundle, artifacts)
+        return (path if path.is_absolute() else PROJECT_ROOT / path).resolve()
+
+
+def build_app(args: AppArgs) -> Application:
+    from models.bundle import verified
+    from pipeline.deployments import Blender, CollaborativeFilter, ContentModel, Ingress
+
+    bundle = args.bundle_path()
+    verified(bundle)  # refuse a missing or altered bundle here, with its message, before any replica starts
+    settings = args.model_dump(mode="json") | {"bundle": str(bundle)}
+    if args.topology == "colocated":
+        return Ingress.bind(settings)
+    return Ingress.bind(
+        settings, CollaborativeFilter.bind(str(bundle)), ContentModel.bind(str(bundle)), Blender.bind(str(bundle))
+    )

@@ -1,0 +1,70 @@
+"""The app's Prometheus metrics, recorded through Ray's metrics API: Ray's metrics agent on every node serves
+them (with Ray's own) on its export port, which deploy/prometheus.yml scrapes."""
+
+from __future__ import annotations
+
+# Fine below 100 ms, where the SLO lives; coarse above.
+LATENCY_MS = [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60, 70, 80, 100, 150, 250, 500, 1000, 2500]
+CANDIDATES = [10, 25, 50, 75, 100, 150, 200, 250, 300, 400, 500]
+
+
+class NullRecorder:
+    """For stage logic run without Ray (unit tests, scripts)."""
+
+    def stage(self, stage: str, ms: float) -> None:
+        pass
+
+    def fallback(self, reason: str) -> None:
+        pass
+
+    def candidates(self, n: int) -> None:
+        pass
+
+    def request(self, route: str, status: int, ms: float) -> None:
+        pass
+
+    def events(self, outcome: str, n: int) -> None:
+        pass
+
+
+class RayRecorder:
+    def __init__(self, version: str, topology: str) -> None:
+        from ray.serve import metrics
+
+        self._requests = metrics.Counter(
+            "recserve_requests", description="HTTP requests by route and status", tag_keys=("route", "status")
+        )
+        self._latency = metrics.Histogram(
+            "recserve_request_latency_ms",
+            description="end-to-end latency in the ingress",
+            boundaries=LATENCY_MS,
+            tag_keys=("route",),
+        )
+        self._stage = metrics.Histogram(
+            "recserve_stage_latency_ms", description="latency of each stage", boundaries=LATENCY_MS, tag_keys=("stage",)
+        )
+        self._fallbacks = metrics.Counter(
+            "recserve_fallbacks", description="degraded answers by reason", tag_keys=("reason",)
+        )
+        self._candidates = metrics.Histogram(
+            "recserve_candidates", description="merged candidates per request", boundaries=CANDIDATES
+        )
+        self._events = metrics.Counter("recserve_events", description="events by outcome", tag_keys=("outcome",))
+        info = metrics.Gauge("recserve_model_info", description="the bundle served", tag_keys=("version", "topology"))
+        info.set(1, tags={"version": version, "topology": topology})
+
+    def stage(self, stage: str, ms: float) -> None:
+        self._stage.observe(ms, tags={"stage": stage})
+
+    def fallback(self, reason: str) -> None:
+        self._fallbacks.inc(1, tags={"reason": reason})
+
+    def candidates(self, n: int) -> None:
+        self._candidates.observe(n)
+
+    def request(self, route: str, status: int, ms: float) -> None:
+        self._requests.inc(1, tags={"route": route, "status": str(status)})
+        self._latency.observe(ms, tags={"route": route})
+
+    def events(self, outcome: str, n: int) -> None:
+        self._events.inc(n, tags={"outcome": outcome})
