@@ -80,6 +80,7 @@ class Api:
         self.known_items = frozenset(service.snapshot.item_ids.tolist())
         self._writer_factory = writer_factory
         self._writer: EventWriter | None = None
+        self._warmed = False
         self.recorder = recorder or NullRecorder()
 
     def writer(self) -> EventWriter:
@@ -124,7 +125,10 @@ class Api:
         self.recorder.events("accepted", accepted)
         return accepted
 
-    def ready(self) -> tuple[bool, dict[str, Any]]:
+    async def ready(self) -> tuple[bool, dict[str, Any]]:
+        if not self._warmed:
+            await self.service.warm()
+            self._warmed = True
         try:
             require_redis(self.store_settings)
             redis_ok, detail = True, "reachable"
@@ -166,10 +170,11 @@ def _validation_message(err: dict[str, Any]) -> tuple[str, str]:
 class Edge:
     """Pure ASGI middleware: request ids, the body-size limit (413) and request metrics, at little cost."""
 
-    def __init__(self, app: Any, max_body_bytes: int, recorder: Callable[[], Any]) -> None:
+    def __init__(self, app: Any, max_body_bytes: int, recorder: Callable[[], Any], set_header: bool) -> None:
         self.app = app
         self.max_body = max_body_bytes
         self.recorder = recorder
+        self.set_header = set_header
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -186,11 +191,8 @@ class Edge:
         async def send_with_id(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
-                headers = list(message.get("headers", []))
-                # Serve's proxy sets the header itself (with the same id); under plain uvicorn this does.
-                if not any(k.lower() == b"x-request-id" for k, _ in headers):
-                    headers.append((b"x-request-id", rid.encode()))
-                message["headers"] = headers
+                if self.set_header:
+                    message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
             await send(message)
 
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
@@ -222,7 +224,9 @@ class _TooLarge(Exception):
     pass
 
 
-def build_api(get: Callable[[], Api], max_body_bytes: int = 1_000_000) -> FastAPI:
+def build_api(get: Callable[[], Api], max_body_bytes: int = 1_000_000, set_request_id: bool = True) -> FastAPI:
+    """`set_request_id=False` behind Ray Serve: its proxy already echoes the caller's X-Request-ID (or makes one)
+    on every response, and passes it in, so the body's request_id matches the header."""
     app = FastAPI(
         title="recserve",
         version="1",
@@ -289,8 +293,8 @@ def build_api(get: Callable[[], Api], max_body_bytes: int = 1_000_000) -> FastAP
 
     @app.get("/readyz")
     async def readyz(request: Request) -> JSONResponse:
-        ok, detail = get().ready()
+        ok, detail = await get().ready()
         return JSONResponse({"ready": ok, **detail}, status_code=200 if ok else 503)
 
-    app.add_middleware(Edge, max_body_bytes=max_body_bytes, recorder=lambda: get().recorder)
+    app.add_middleware(Edge, max_body_bytes=max_body_bytes, recorder=lambda: get().recorder, set_header=set_request_id)
     return app

@@ -117,7 +117,7 @@ class _Current:
         return cls.api
 
 
-fastapi_app = build_api(_Current.get)
+fastapi_app = build_api(_Current.get, set_request_id=False)
 
 
 @serve.deployment(max_ongoing_requests=64)

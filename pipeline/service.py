@@ -370,6 +370,21 @@ class RecommendService:
             return f"similar to {name} you {verb}"
         return "popular in the last 30 days"
 
+    async def warm(self) -> None:
+        """One full request per path before the replica reports ready: the first call through each stage (handle
+        routing, lazy imports, caches) is slow, and must not land on a customer."""
+        if not self.snapshot.user_ids.size:
+            return
+        user = str(self.snapshot.user_ids[0])
+        knobs = self.knobs
+        self.knobs = knobs.model_copy(update={"deadline_ms": 10_000.0})
+        try:
+            for q in (Query(user), Query("warm-up-new-user"), Query(user, query="warm up")):
+                await self.recommend(q)
+            await self.similar(str(self.snapshot.item_ids[0]), 5)
+        finally:
+            self.knobs = knobs
+
     async def similar(self, item_id: str, k: int) -> list[Item] | None:
         i = self.item_index.get(item_id)
         if i is None:

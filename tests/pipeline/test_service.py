@@ -180,5 +180,7 @@ def test_events_and_similar_over_http(http, core):
     assert item not in {i["item_id"] for i in similar.json()["items"]}
     assert call(http, "GET", "/items/NOPE/similar").status_code == 404
     assert call(http, "GET", "/items/{item}/similar", params={"k": 0}).status_code == 422
+    ready = call(http, "GET", "/readyz")  # the first call warms every path
+    assert ready.status_code == 200 and ready.json()["ready"] is True
     ready = call(http, "GET", "/readyz")
     assert ready.status_code == 200 and ready.json()["ready"] is True
