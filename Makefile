@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 export OPENBLAS_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv demo train evaluate features bench-features test lint redis clean
+.PHONY: venv demo train evaluate features serve bench-features bench-serve test lint redis clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ features: venv redis
 	$(BIN)/recserve features apply
 	$(BIN)/recserve features materialize
 
+serve: venv redis
+	$(BIN)/recserve serve
+
+bench-serve: venv
+	$(BIN)/python loadtests/sequential.py
+
 bench-features: venv redis
 	$(BIN)/recserve features bench
 
@@ -38,10 +44,11 @@ demo: venv redis
 	$(BIN)/recserve evaluate
 	$(BIN)/recserve features apply
 	$(BIN)/recserve features materialize
+	$(BIN)/recserve serve
 
 lint: venv
-	$(BIN)/ruff check models pipeline feature_repo tests
-	$(BIN)/ruff format --check models pipeline feature_repo tests
+	$(BIN)/ruff check models pipeline feature_repo loadtests tests
+	$(BIN)/ruff format --check models pipeline feature_repo loadtests tests
 
 test: venv redis lint
 	$(BIN)/python -m pytest tests

@@ -18,7 +18,9 @@ class RecommendRequest(_Body):
     k: int = Field(10, ge=1, le=100, strict=True, description="how many items to return")
     exclude: list[StrictStr] = Field(default_factory=list, max_length=1000, examples=[["85123A"]])
     query: StrictStr | None = Field(None, max_length=200, description="free text that steers the content model")
-    context: dict[str, Any] = Field(default_factory=dict, description="caller context, echoed into logs only")
+    context: dict[str, Any] = Field(
+        default_factory=dict, description="caller context (page, device, ...); accepted, not yet used by the models"
+    )
 
     model_config = ConfigDict(
         extra="forbid",

@@ -19,7 +19,7 @@ from pipeline.api import Api, build_api
 from pipeline.events import EventSettings, EventWriter
 from pipeline.metrics import NullRecorder
 from pipeline.service import Chaos, Knobs, LocalStages, Query, RecommendService
-from pipeline.store import OnlineFeatures, StoreSettings
+from pipeline.store import OnlineFeatures, StoreSettings, open_store
 
 pytestmark = pytest.mark.integration
 
@@ -184,3 +184,33 @@ def test_events_and_similar_over_http(http, core):
     assert ready.status_code == 200 and ready.json()["ready"] is True
     ready = call(http, "GET", "/readyz")
     assert ready.status_code == 200 and ready.json()["ready"] is True
+
+
+def test_with_redis_down_the_http_api_still_answers_and_says_so(core, stages, slice_online, small_bundle):
+    dead = StoreSettings(redis="127.0.0.1:1", project="unreachable")
+    offline = OnlineFeatures(dead, core.version, slice_online.item_ids, slice_online.item_matrix)
+    api = Api(
+        service(core, offline, stages),
+        dead,
+        EventSettings(),
+        lambda: EventWriter(open_store(dead), dead, EventSettings()),
+    )
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_api(lambda: api)), base_url="http://r")
+    r = call(client, "POST", "/recommend", json={"user_id": known_user(core), "k": 10})
+    assert r.status_code == 200 and r.json()["degraded"] and r.json()["fallback_reason"] == "feature_store_unavailable"
+    assert len(r.json()["items"]) == 10
+    assert call(client, "GET", "/readyz").status_code == 503
+    item = str(core.snapshot.item_ids[0])
+    ev = call(client, "POST", "/events", json={"events": [{"user_id": "u", "item_id": item, "event_type": "view"}]})
+    assert ev.status_code == 503 and ev.headers["retry-after"] == "1" and "deploy/ensure-redis.sh" in ev.json()["error"]
+
+
+def test_knobs_change_without_a_restart(core, slice_online, stages):
+    svc = service(core, slice_online, stages)
+    user = known_user(core)
+    wide = run(svc.recommend(Query(user, k=5)))
+    svc.reconfigure(Knobs(n_cf=5, n_content=5, n_history=5, n_popular=5))
+    narrow = run(svc.recommend(Query(user, k=5)))
+    assert narrow.candidates <= 20 < wide.candidates
+    svc.reconfigure(Knobs(chaos=Chaos(stage="cf", mode="error")))
+    assert "cf_error" in run(svc.recommend(Query(user, k=5))).fallback_reason
