@@ -9,7 +9,6 @@ Prints the client's p50/p95/p99, errors, degraded answers and the per-stage medi
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -18,23 +17,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def holdout_users(bundle: Path) -> list[str]:
-    import pandas as pd
-
-    from models.data import load_clean
-    from models.settings import TrainSettings
-    from models.split import holdout_truth, resolve_split
-
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    data = load_clean(ROOT / "data" / "online_retail.parquet")
-    settings = TrainSettings.model_validate(manifest["settings"])
-    split = resolve_split(data, pd.Timestamp(manifest["split"]["cutoff"]).date(), settings.split)
-    known = set(pd.read_parquet(bundle / "user_features.parquet")["user_id"].astype(str))
-    return sorted(holdout_truth(data.interactions, split, known))
+from loadtests import traffic
 
 
 def main() -> int:
@@ -44,8 +29,7 @@ def main() -> int:
     p.add_argument("--bundle", type=Path, help="default: the one artifacts/LATEST names")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    bundle = args.bundle or ROOT / "artifacts" / (ROOT / "artifacts" / "LATEST").read_text().strip()
-    users = holdout_users(bundle)
+    users = traffic.load(args.bundle).users
     rng = random.Random(args.seed)
     latencies, errors, degraded = [], 0, 0
     stages: dict[str, list[float]] = {}

@@ -29,7 +29,9 @@ class AppArgs(BaseModel):
     events: EventSettings = EventSettings()
     knobs: Knobs = Field(Knobs(), description="initial runtime knobs; the Ingress's user_config overrides them")
     max_body_bytes: int = Field(1_000_000, ge=1024, le=100_000_000)
-    stage_threads: int = Field(4, ge=1, le=64, description="colocated: worker threads for the model stages")
+    stage_threads: int = Field(
+        0, ge=0, le=64, description="colocated: 0 runs the model stages inline; n > 0 on a pool of n threads"
+    )
 
     def bundle_path(self) -> Path:
         from models.bundle import resolve

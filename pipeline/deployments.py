@@ -6,6 +6,7 @@ config; runtime knobs come through user_config and reconfigure.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from pathlib import Path
@@ -31,6 +32,13 @@ from pipeline.store import OnlineFeatures, open_store
 log = logging.getLogger("recserve")
 
 
+def _freeze() -> None:
+    # Loading torch, Feast and the bundle leaves millions of long-lived objects; unfrozen, every full GC walks
+    # them all and stalls the replica's loop for tens of ms under load.
+    gc.collect()
+    gc.freeze()
+
+
 def _threads() -> None:
     # Two cores: one BLAS/torch thread per replica; more only contend.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -45,6 +53,7 @@ class CollaborativeFilter:
         _threads()
         path, _, settings = verified(Path(bundle))
         self.stage = CFStage(ALSModel.load(path, settings.cf), device=pick_device())
+        _freeze()
 
     async def retrieve(self, q: CFQuery) -> SourceList:
         return self.stage.retrieve(q)
@@ -59,6 +68,7 @@ class ContentModel:
         self.stage = ContentStage(ContentModelClass.load(path, device=device)).warm()
         # On a GPU, queries from concurrent requests are encoded as one batch; on a CPU, batching only adds wait.
         self.batch_queries = device != "cpu"
+        _freeze()
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.003)
     async def _encode(self, texts: list[str]) -> list[np.ndarray]:
@@ -81,6 +91,7 @@ class Blender:
         _threads()
         path, _, _ = verified(Path(bundle))
         self.stage = BlendStage(BlenderModel.load(path, num_threads=1))
+        _freeze()
 
     async def score(self, x: np.ndarray) -> np.ndarray:
         return self.stage.score(x)
@@ -160,7 +171,13 @@ class Ingress:
         def writer() -> EventWriter:
             return EventWriter(open_store(store), store, settings.events)
 
-        _Current.api = Api(service, store, settings.events, writer, recorder)
+        api = Api(service, store, settings.events, writer, recorder)
+        try:
+            api.writer()  # now, not inside the first POST /events (opening Feast's registry takes ~0.7 s)
+        except RecserveError as exc:
+            log.warning("event writer not ready at start (%s); it will be made on the first event", exc)
+        _Current.api = api
+        _freeze()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         _Current.get().service.reconfigure(Knobs.model_validate(user_config))

@@ -1,0 +1,121 @@
+"""recserve's locust suite: realistic traffic at a fixed rate, with a p99 SLO gate.
+
+    locust -f loadtests/locustfile.py --headless --host http://127.0.0.1:30000 -u 20 -r 20 --run-time 60s \
+        --rate-per-user 1 --p99-ms 100 --csv reports/colocated --html reports/colocated.html
+
+Traffic, from the bundle's data: about 85% POST /recommend for holdout users (10% of them unknown users), about
+10% POST /events with plausible events for users in flight, about 5% GET /items/{id}/similar. Each simulated
+user paces itself at --rate-per-user requests a second (constant_throughput), so the offered rate is fixed.
+
+The gate fails (exit code 1) when p99 exceeds --p99-ms, when the error rate exceeds --max-error-rate, or when more
+than --max-degraded-share of /recommend answers were degraded; one summary line says which.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import gevent
+from locust import HttpUser, constant_throughput, events, task
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loadtests import traffic as traffic_data
+
+EVENT_MIX = (("view", 0.7), ("add_to_cart", 0.2), ("purchase", 0.1))
+state: dict[str, Any] = {"traffic": None, "recommends": 0, "degraded": 0, "in_flight": []}
+
+
+@events.init_command_line_parser.add_listener
+def _options(parser: Any) -> None:
+    parser.add_argument("--p99-ms", type=float, default=100.0, help="SLO: p99 latency bound (ms)")
+    parser.add_argument("--max-error-rate", type=float, default=0.0, help="SLO: failed share of requests")
+    parser.add_argument("--max-degraded-share", type=float, default=0.01, help="SLO: degraded share of /recommend")
+    parser.add_argument("--rate-per-user", type=float, default=1.0, help="requests a second per simulated user")
+    parser.add_argument("--bundle", default="", help="bundle directory (default: the one artifacts/LATEST names)")
+
+
+@events.init.add_listener
+def _load(environment: Any, **_: Any) -> None:
+    bundle = Path(environment.parsed_options.bundle) if environment.parsed_options.bundle else None
+    state["traffic"] = traffic_data.load(bundle)
+
+
+class Shopper(HttpUser):
+    def wait_time(self) -> float:
+        return constant_throughput(self.environment.parsed_options.rate_per_user)(self)
+
+    def on_start(self) -> None:
+        self.rng = random.Random()
+        # Users spawned together would stay in phase and arrive as one burst a second; a random phase spreads
+        # the same rate evenly, as independent clients do.
+        gevent.sleep(self.rng.random() / self.environment.parsed_options.rate_per_user)
+
+    def _user(self) -> str:
+        t = state["traffic"]
+        return f"load-new-{self.rng.randrange(10**9)}" if self.rng.random() < 0.1 else self.rng.choice(t.users)
+
+    @task(85)
+    def recommend(self) -> None:
+        user = self._user()
+        with self.client.post(
+            "/recommend", json={"user_id": user, "k": 10}, catch_response=True, name="/recommend"
+        ) as r:
+            if r.status_code != 200:
+                r.failure(f"status {r.status_code}: {r.text[:200]}")
+                return
+            body = r.json()
+            state["recommends"] += 1
+            state["degraded"] += bool(body.get("degraded"))
+            if len(body.get("items", [])) != 10:
+                r.failure(f"{len(body.get('items', []))} items, not 10")
+            in_flight = state["in_flight"]
+            in_flight.append((user, [i["item_id"] for i in body["items"]]))
+            del in_flight[:-200]
+
+    @task(10)
+    def events(self) -> None:
+        if not state["in_flight"]:
+            return
+        user, shown = self.rng.choice(state["in_flight"])
+        kind = self.rng.choices([k for k, _ in EVENT_MIX], [w for _, w in EVENT_MIX])[0]
+        event = {"user_id": user, "item_id": self.rng.choice(shown), "event_type": kind}
+        with self.client.post("/events", json={"events": [event]}, catch_response=True, name="/events") as r:
+            if r.status_code != 202:
+                r.failure(f"status {r.status_code}: {r.text[:200]}")
+
+    @task(5)
+    def similar(self) -> None:
+        item = self.rng.choice(state["traffic"].items)
+        with self.client.get(f"/items/{item}/similar?k=10", catch_response=True, name="/items/{id}/similar") as r:
+            if r.status_code != 200:
+                r.failure(f"status {r.status_code}: {r.text[:200]}")
+
+
+@events.quitting.add_listener
+def _gate(environment: Any, **_: Any) -> None:
+    opts = environment.parsed_options
+    total = environment.stats.total
+    n, failures = total.num_requests, total.num_failures
+    p50, p95, p99 = (total.get_response_time_percentile(q) or 0.0 for q in (0.5, 0.95, 0.99))
+    error_rate = failures / n if n else 1.0
+    degraded = state["degraded"] / state["recommends"] if state["recommends"] else 0.0
+    problems = []
+    if n == 0:
+        problems.append("no requests")
+    if p99 > opts.p99_ms:
+        problems.append(f"p99 {p99:.0f} ms > {opts.p99_ms:.0f} ms")
+    if error_rate > opts.max_error_rate:
+        problems.append(f"error rate {error_rate:.4f} > {opts.max_error_rate}")
+    if degraded > opts.max_degraded_share:
+        problems.append(f"degraded {degraded:.4f} > {opts.max_degraded_share}")
+    print(
+        f"SLO gate {'FAIL' if problems else 'PASS'}: requests {n}, failures {failures}, p50 {p50:.0f} ms, "
+        f"p95 {p95:.0f} ms, p99 {p99:.0f} ms, rps {total.total_rps:.1f}, degraded {degraded:.4f}"
+        + (f" ({'; '.join(problems)})" if problems else ""),
+        flush=True,
+    )
+    environment.process_exit_code = 1 if problems else 0

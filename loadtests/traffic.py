@@ -1,0 +1,37 @@
+"""The load tests' traffic, read from the data: the bundle's holdout users and its catalog. Imports no torch or
+Ray, so locust can load it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_bundle() -> Path:
+    return ROOT / "artifacts" / (ROOT / "artifacts" / "LATEST").read_text().strip()
+
+
+@dataclass(frozen=True)
+class Traffic:
+    users: list[str]  # bought before the bundle's cutoff and in the holdout window after it
+    items: list[str]  # the bundle's catalog
+
+
+def load(bundle: Path | None = None) -> Traffic:
+    import pandas as pd
+
+    from models.data import load_clean
+    from models.settings import TrainSettings
+    from models.split import holdout_truth, resolve_split
+
+    bundle = bundle or default_bundle()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    data = load_clean(ROOT / "data" / "online_retail.parquet")
+    settings = TrainSettings.model_validate(manifest["settings"])
+    split = resolve_split(data, pd.Timestamp(manifest["split"]["cutoff"]).date(), settings.split)
+    known = set(pd.read_parquet(bundle / "user_features.parquet")["user_id"].astype(str))
+    items = pd.read_parquet(bundle / "catalog.parquet")["item_id"].astype(str).tolist()
+    return Traffic(users=sorted(holdout_truth(data.interactions, split, known)), items=items)
