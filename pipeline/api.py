@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -26,6 +27,7 @@ from models.errors import (
     StoreUnavailableError,
     WriteConflictError,
 )
+from models.serving import order
 from pipeline.events import EventSettings, EventWriter, validate_events
 from pipeline.metrics import NullRecorder
 from pipeline.schemas import (
@@ -102,18 +104,19 @@ class Api:
     def popular(self, q: ServiceQuery) -> Result:
         s = self.service
         exclude = {s.item_index[x] for x in q.exclude if x in s.item_index}
-        picks = [i for i in s.fill_items.tolist() if i not in exclude][: q.k]
+        none = np.empty(0, dtype=np.int64)
+        ranked = order(none, none.astype(np.float32), q.k, exclude, s.fill_items, s.fill_scores)
         items = [
             Item(
                 str(s.snapshot.item_ids[i]),
                 str(s.descriptions[i]),
-                float(s.fill_scores[n]),
+                score,
                 ("popularity",),
                 "popular in the last 30 days",
             )
-            for n, i in enumerate(picks)
+            for i, score in zip(ranked.items, ranked.scores, strict=True)
         ]
-        return Result(q.user_id, s.core.version, items, True, "internal_error", {}, 0, ["internal_error"])
+        return Result(q.user_id, s.core.version, items, True, "internal_error", {}, 0)
 
     def events(self, raw: list[Any]) -> int:
         try:

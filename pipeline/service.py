@@ -29,6 +29,14 @@ T = TypeVar("T")
 SINGLE_SOURCE_PRIORITY = ("history", "cf", "content", "popularity")
 
 
+class Chaos(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stage: str = Field(pattern="^(cf|content|blend)$")
+    mode: str = Field(pattern="^(error|delay)$")
+    delay_ms: float = Field(200.0, ge=0)
+
+
 class Knobs(BaseModel):
     """Runtime knobs: the serve config's user_config; `reconfigure` applies a change without a restart."""
 
@@ -44,17 +52,6 @@ class Knobs(BaseModel):
     session_events: int = Field(20, ge=0, le=1000, description="recent events that steer CF and content")
     feature_store_retry_s: float = Field(1.0, ge=0, description="after a Redis failure, serve from the bundle")
     chaos: Chaos | None = Field(None, description="fault injection for drills: make one stage fail or stall")
-
-
-class Chaos(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    stage: str = Field(pattern="^(cf|content|blend)$")
-    mode: str = Field(pattern="^(error|delay)$")
-    delay_ms: float = Field(200.0, ge=0)
-
-
-Knobs.model_rebuild()
 
 
 class Stages(Protocol):
@@ -147,7 +144,6 @@ class Result:
     fallback_reason: str | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
     candidates: int = 0
-    reasons: list[str] = field(default_factory=list)
 
 
 class Recorder(Protocol):
@@ -310,7 +306,6 @@ class RecommendService:
             fallback_reason=",".join(reasons) or None,
             timings_ms=timings,
             candidates=len(cands),
-            reasons=reasons,
         )
 
     def _single_source_scores(self, cands: Candidates, exclude: set[int]) -> np.ndarray | None:
