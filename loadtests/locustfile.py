@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import random
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import gevent
-from locust import HttpUser, constant_throughput, events, task
+from locust import FastHttpUser, events, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -44,15 +45,24 @@ def _load(environment: Any, **_: Any) -> None:
     state["traffic"] = traffic_data.load(bundle)
 
 
-class Shopper(HttpUser):
+class Shopper(FastHttpUser):
+    """One client at a fixed rate. geventhttpclient, not requests: a fifth of the load generator's CPU, which
+    shares this machine's two cores with the server."""
+
     def wait_time(self) -> float:
-        return constant_throughput(self.environment.parsed_options.rate_per_user)(self)
+        # Open loop: the next request is due one period after the last one was due, not after it finished, so a
+        # slow answer does not lower the offered rate.
+        self.due += self.period
+        return max(0.0, self.due - time.perf_counter())
 
     def on_start(self) -> None:
         self.rng = random.Random()
-        # Users spawned together would stay in phase and arrive as one burst a second; a random phase spreads
-        # the same rate evenly, as independent clients do.
-        gevent.sleep(self.rng.random() / self.environment.parsed_options.rate_per_user)
+        self.period = 1.0 / self.environment.parsed_options.rate_per_user
+        # A random phase spreads users spawned together over the period, as independent clients are. (locust's
+        # constant_throughput counts its first period from the spawn, so it pulls every user back into one
+        # burst a second: p50 45 ms instead of 6 ms at 20 req/s here.)
+        self.due = time.perf_counter() + self.rng.random() * self.period
+        gevent.sleep(self.due - time.perf_counter())
 
     def _user(self) -> str:
         t = state["traffic"]
