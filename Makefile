@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 export OPENBLAS_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv demo train evaluate features serve bench-features bench-serve test lint redis clean
+.PHONY: venv demo train evaluate features serve bench-features bench-serve bench slo-gate test lint redis clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,14 @@ serve: venv redis
 bench-serve: venv
 	$(BIN)/python loadtests/sequential.py
 
+# The four-system benchmark (about 20 minutes); results in reports/bench, see docs/benchmarks.md.
+bench: venv redis
+	$(BIN)/python loadtests/bench.py
+
+# CI's SLO gate: each topology under locust at a fixed rate; trains a bundle first when there is none.
+slo-gate: venv redis
+	$(BIN)/python loadtests/gate.py
+
 bench-features: venv redis
 	$(BIN)/recserve features bench
 
@@ -54,4 +62,4 @@ test: venv redis lint
 	$(BIN)/python -m pytest tests
 
 clean:
-	rm -rf artifacts .pytest_cache .ruff_cache feature_repo/data
+	rm -rf artifacts reports .pytest_cache .ruff_cache feature_repo/data

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loadtests import traffic as traffic_data
 
 EVENT_MIX = (("view", 0.7), ("add_to_cart", 0.2), ("purchase", 0.1))
-state: dict[str, Any] = {"traffic": None, "recommends": 0, "degraded": 0, "in_flight": []}
+state: dict[str, Any] = {"traffic": None, "recommends": 0, "degraded": 0, "shed": 0, "answered_ms": [], "in_flight": []}
 
 
 @events.init_command_line_parser.add_listener
@@ -37,6 +37,11 @@ def _options(parser: Any) -> None:
     parser.add_argument("--max-degraded-share", type=float, default=0.01, help="SLO: degraded share of /recommend")
     parser.add_argument("--rate-per-user", type=float, default=1.0, help="requests a second per simulated user")
     parser.add_argument("--bundle", default="", help="bundle directory (default: the one artifacts/LATEST names)")
+    parser.add_argument(
+        "--shed-ok",
+        action="store_true",
+        help="overload runs: a 503 with Retry-After is load shed as designed, counted apart and not a failure",
+    )
 
 
 @events.init.add_listener
@@ -68,23 +73,42 @@ class Shopper(FastHttpUser):
         t = state["traffic"]
         return f"load-new-{self.rng.randrange(10**9)}" if self.rng.random() < 0.1 else self.rng.choice(t.users)
 
+    def _call(self, method: str, path: str, name: str, expect: int, **kw: Any) -> Any:
+        """The parsed body of an expected answer; None after a failure or a shed request."""
+        started = time.perf_counter()
+        with self.client.request(method, path, catch_response=True, name=name, **kw) as r:
+            if r.status_code == 503 and r.headers and r.headers.get("Retry-After"):
+                state["shed"] += 1
+                if self.environment.parsed_options.shed_ok:
+                    r.success()
+                else:
+                    r.failure(f"shed: {r.text[:200]}")
+                return None
+            if r.status_code != expect:
+                r.failure(f"status {r.status_code}: {r.text[:200]}")
+                return None
+            state["answered_ms"].append((time.perf_counter() - started) * 1000)
+            return r.json()
+
     @task(85)
     def recommend(self) -> None:
         user = self._user()
-        with self.client.post(
-            "/recommend", json={"user_id": user, "k": 10}, catch_response=True, name="/recommend"
-        ) as r:
-            if r.status_code != 200:
-                r.failure(f"status {r.status_code}: {r.text[:200]}")
-                return
-            body = r.json()
-            state["recommends"] += 1
-            state["degraded"] += bool(body.get("degraded"))
-            if len(body.get("items", [])) != 10:
-                r.failure(f"{len(body.get('items', []))} items, not 10")
-            in_flight = state["in_flight"]
-            in_flight.append((user, [i["item_id"] for i in body["items"]]))
-            del in_flight[:-200]
+        body = self._call("POST", "/recommend", "/recommend", 200, json={"user_id": user, "k": 10})
+        if body is None:
+            return
+        state["recommends"] += 1
+        state["degraded"] += bool(body.get("degraded"))
+        if len(body.get("items", [])) != 10:
+            self.environment.events.request.fire(
+                request_type="CHECK",
+                name="/recommend items",
+                response_time=0,
+                response_length=0,
+                exception=AssertionError(f"{len(body.get('items', []))} items, not 10"),
+            )
+        in_flight = state["in_flight"]
+        in_flight.append((user, [i["item_id"] for i in body["items"]]))
+        del in_flight[:-200]
 
     @task(10)
     def events(self) -> None:
@@ -93,16 +117,12 @@ class Shopper(FastHttpUser):
         user, shown = self.rng.choice(state["in_flight"])
         kind = self.rng.choices([k for k, _ in EVENT_MIX], [w for _, w in EVENT_MIX])[0]
         event = {"user_id": user, "item_id": self.rng.choice(shown), "event_type": kind}
-        with self.client.post("/events", json={"events": [event]}, catch_response=True, name="/events") as r:
-            if r.status_code != 202:
-                r.failure(f"status {r.status_code}: {r.text[:200]}")
+        self._call("POST", "/events", "/events", 202, json={"events": [event]})
 
     @task(5)
     def similar(self) -> None:
         item = self.rng.choice(state["traffic"].items)
-        with self.client.get(f"/items/{item}/similar?k=10", catch_response=True, name="/items/{id}/similar") as r:
-            if r.status_code != 200:
-                r.failure(f"status {r.status_code}: {r.text[:200]}")
+        self._call("GET", f"/items/{item}/similar?k=10", "/items/{id}/similar", 200)
 
 
 @events.quitting.add_listener
@@ -113,6 +133,8 @@ def _gate(environment: Any, **_: Any) -> None:
     p50, p95, p99 = (total.get_response_time_percentile(q) or 0.0 for q in (0.5, 0.95, 0.99))
     error_rate = failures / n if n else 1.0
     degraded = state["degraded"] / state["recommends"] if state["recommends"] else 0.0
+    answered = sorted(state["answered_ms"])
+    answered_p99 = answered[min(len(answered) - 1, int(0.99 * len(answered)))] if answered else 0.0
     problems = []
     if n == 0:
         problems.append("no requests")
@@ -124,8 +146,8 @@ def _gate(environment: Any, **_: Any) -> None:
         problems.append(f"degraded {degraded:.4f} > {opts.max_degraded_share}")
     print(
         f"SLO gate {'FAIL' if problems else 'PASS'}: requests {n}, failures {failures}, p50 {p50:.0f} ms, "
-        f"p95 {p95:.0f} ms, p99 {p99:.0f} ms, rps {total.total_rps:.1f}, degraded {degraded:.4f}"
-        + (f" ({'; '.join(problems)})" if problems else ""),
+        f"p95 {p95:.0f} ms, p99 {p99:.0f} ms, rps {total.total_rps:.1f}, degraded {degraded:.4f}, "
+        f"shed {state['shed']}, answered p99 {answered_p99:.0f} ms" + (f" ({'; '.join(problems)})" if problems else ""),
         flush=True,
     )
     environment.process_exit_code = 1 if problems else 0

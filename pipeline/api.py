@@ -56,6 +56,8 @@ ERROR_STATUS: dict[type[RecserveError], int] = {
 }
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 ROUTES = {"/recommend", "/events", "/healthz", "/readyz", "/docs", "/openapi.json"}
+# Routes that do model or store work; only these count towards, and are shed at, the in-flight limit.
+WORK_ROUTES = {"/recommend", "/events", "/items/similar"}
 
 
 def status_for(exc: RecserveError) -> int:
@@ -171,13 +173,26 @@ def _validation_message(err: dict[str, Any]) -> tuple[str, str]:
 
 
 class Edge:
-    """Pure ASGI middleware: request ids, the body-size limit (413) and request metrics, at little cost."""
+    """Pure ASGI middleware: request ids, the body-size limit (413), load shedding (503) and request metrics.
 
-    def __init__(self, app: Any, max_body_bytes: int, recorder: Callable[[], Any], set_header: bool) -> None:
+    Shedding: past `max_in_flight` requests in this replica, a new one is answered 503 with Retry-After before
+    any work. Each admitted request then waits behind at most that many, so overload costs some callers a fast
+    retry instead of costing every caller a queue that grows for as long as the overload lasts."""
+
+    def __init__(
+        self,
+        app: Any,
+        max_body_bytes: int,
+        recorder: Callable[[], Any],
+        set_header: bool,
+        max_in_flight: Callable[[], int],
+    ) -> None:
         self.app = app
         self.max_body = max_body_bytes
         self.recorder = recorder
         self.set_header = set_header
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -199,7 +214,15 @@ class Edge:
             await send(message)
 
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-        if length is not None and length.isdigit() and int(length) > self.max_body:
+        work = route in WORK_ROUTES
+        if work and self.in_flight >= (limit := self.max_in_flight()):
+            await _error(
+                rid,
+                503,
+                f"the service is at capacity ({limit} requests in flight in this replica): retry after 1 s",
+                headers={"Retry-After": "1"},
+            )(scope, receive, send_with_id)
+        elif length is not None and length.isdigit() and int(length) > self.max_body:
             await _error(rid, 413, f"the body is {int(length)} bytes; the limit is {self.max_body}: send less", "body")(
                 scope, receive, send_with_id
             )
@@ -214,12 +237,15 @@ class Edge:
                     raise _TooLarge
                 return message
 
+            self.in_flight += work
             try:
                 await self.app(scope, counted, send_with_id)
             except _TooLarge:
                 await _error(rid, 413, f"the body exceeds {self.max_body} bytes: send less", "body")(
                     scope, receive, send_with_id
                 )
+            finally:
+                self.in_flight -= work
         self.recorder().request(route, status["code"], (time.perf_counter() - started) * 1000)
 
 
@@ -299,5 +325,11 @@ def build_api(get: Callable[[], Api], max_body_bytes: int = 1_000_000, set_reque
         ok, detail = await get().ready()
         return JSONResponse({"ready": ok, **detail}, status_code=200 if ok else 503)
 
-    app.add_middleware(Edge, max_body_bytes=max_body_bytes, recorder=lambda: get().recorder, set_header=set_request_id)
+    app.add_middleware(
+        Edge,
+        max_body_bytes=max_body_bytes,
+        recorder=lambda: get().recorder,
+        set_header=set_request_id,
+        max_in_flight=lambda: get().service.knobs.max_in_flight,
+    )
     return app

@@ -156,7 +156,7 @@ def cmd_features_bench(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from pipeline.serving_cmd import serve
 
-    return serve(args.config, args.http_port, args.timeout, args.num_cpus)
+    return serve(args.config, args.http_port, args.timeout, args.num_cpus, tuned=not args.ray_defaults)
 
 
 def _data_and_quiet(p: argparse.ArgumentParser) -> None:
@@ -239,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--http-port", type=int, default=8000, help="the config's HTTP port (default: %(default)s)")
     srv.add_argument("--timeout", type=float, default=300, help="seconds to wait for the app (default: %(default)s)")
     srv.add_argument("--num-cpus", type=int, help="CPUs for a Ray head it starts (default: all)")
+    srv.add_argument(
+        "--ray-defaults",
+        action="store_true",
+        help="run Ray and Serve with their default settings, without throughput-optimized mode and its direct "
+        "ingress port (the naive baseline of loadtests/bench.py)",
+    )
     srv.set_defaults(func=cmd_serve)
     return parser
 

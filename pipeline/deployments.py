@@ -6,9 +6,6 @@ config; runtime knobs come through user_config and reconfigure.
 
 from __future__ import annotations
 
-import gc
-import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,43 +14,24 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from models.blender import Blender as BlenderModel
-from models.bundle import load_core, verified
+from models.bundle import verified
 from models.cf import ALSModel
 from models.content import ContentModel as ContentModelClass
 from models.content import pick_device
-from models.errors import RecserveError
 from models.serving import BlendStage, CFQuery, CFStage, ContentQuery, ContentStage, SourceList
 from pipeline.api import Api, build_api
-from pipeline.events import EventWriter
+from pipeline.local import freeze_heap, limit_threads, make_api
 from pipeline.metrics import RayRecorder
-from pipeline.service import Knobs, LocalStages, RecommendService
-from pipeline.store import OnlineFeatures, open_store
-
-log = logging.getLogger("recserve")
-
-
-def _freeze() -> None:
-    # Loading torch, Feast and the bundle leaves millions of long-lived objects; unfrozen, every full GC walks
-    # them all and stalls the replica's loop for tens of ms under load.
-    gc.collect()
-    gc.freeze()
-
-
-def _threads() -> None:
-    # Two cores: one BLAS/torch thread per replica; more only contend.
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    import torch
-
-    torch.set_num_threads(int(os.environ.get("RECSERVE_TORCH_THREADS", "1")))
+from pipeline.service import Knobs
 
 
 @serve.deployment(max_ongoing_requests=64)
 class CollaborativeFilter:
     def __init__(self, bundle: str) -> None:
-        _threads()
+        limit_threads()
         path, _, settings = verified(Path(bundle))
         self.stage = CFStage(ALSModel.load(path, settings.cf), device=pick_device())
-        _freeze()
+        freeze_heap()
 
     async def retrieve(self, q: CFQuery) -> SourceList:
         return self.stage.retrieve(q)
@@ -62,13 +40,13 @@ class CollaborativeFilter:
 @serve.deployment(max_ongoing_requests=64)
 class ContentModel:
     def __init__(self, bundle: str) -> None:
-        _threads()
+        limit_threads()
         path, _, _ = verified(Path(bundle))
         device = pick_device()
         self.stage = ContentStage(ContentModelClass.load(path, device=device)).warm()
         # On a GPU, queries from concurrent requests are encoded as one batch; on a CPU, batching only adds wait.
         self.batch_queries = device != "cpu"
-        _freeze()
+        freeze_heap()
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.003)
     async def _encode(self, texts: list[str]) -> list[np.ndarray]:
@@ -88,10 +66,10 @@ class ContentModel:
 @serve.deployment(max_ongoing_requests=64)
 class Blender:
     def __init__(self, bundle: str) -> None:
-        _threads()
+        limit_threads()
         path, _, _ = verified(Path(bundle))
         self.stage = BlendStage(BlenderModel.load(path, num_threads=1))
-        _freeze()
+        freeze_heap()
 
     async def score(self, x: np.ndarray) -> np.ndarray:
         return self.stage.score(x)
@@ -143,41 +121,12 @@ class Ingress:
     ) -> None:
         from pipeline.app import AppArgs
 
-        _threads()
+        limit_threads()
         settings = AppArgs.model_validate(args)
-        bundle = Path(str(settings.bundle))
-        core = load_core(bundle)
-        if cf is None or content is None or blend is None:
-            path, _, train_settings = verified(bundle)
-            device = pick_device()
-            stages: Any = LocalStages(
-                CFStage(ALSModel.load(path, train_settings.cf), device=device),
-                ContentStage(ContentModelClass.load(path, device=device)).warm(),
-                BlendStage(BlenderModel.load(path, num_threads=1)),
-                threads=settings.stage_threads,
-            )
-        else:
-            stages = RemoteStages(cf, content, blend)
-        recorder = RayRecorder(core.version, settings.topology)
-        store = settings.store
-        try:
-            features = OnlineFeatures.load(store, core.version, core.snapshot.item_ids.tolist())
-        except RecserveError as exc:
-            # Still serve: item features are the bundle's own (the same values, see test_store), users degrade.
-            log.warning("feature store not usable at start (%s); serving bundle features until it is", exc)
-            features = OnlineFeatures(store, core.version, core.snapshot.item_ids, core.snapshot.item_matrix)
-        service = RecommendService(core, features, stages, settings.knobs, recorder)
-
-        def writer() -> EventWriter:
-            return EventWriter(open_store(store), store, settings.events)
-
-        api = Api(service, store, settings.events, writer, recorder)
-        try:
-            api.writer()  # now, not inside the first POST /events (opening Feast's registry takes ~0.7 s)
-        except RecserveError as exc:
-            log.warning("event writer not ready at start (%s); it will be made on the first event", exc)
+        remote = None if cf is None or content is None or blend is None else RemoteStages(cf, content, blend)
+        api = make_api(settings, remote, lambda version: RayRecorder(version, settings.topology))
         _Current.api = api
-        _freeze()
+        freeze_heap()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         _Current.get().service.reconfigure(Knobs.model_validate(user_config))

@@ -51,6 +51,9 @@ class Knobs(BaseModel):
     n_popular: int | None = Field(None, ge=1, le=1000)
     session_events: int = Field(20, ge=0, le=1000, description="recent events that steer CF and content")
     feature_store_retry_s: float = Field(1.0, ge=0, description="after a Redis failure, serve from the bundle")
+    max_in_flight: int = Field(
+        32, ge=1, le=100_000, description="past this many requests in the replica, answer 503 + Retry-After at once"
+    )
     chaos: Chaos | None = Field(None, description="fault injection for drills: make one stage fail or stall")
 
 

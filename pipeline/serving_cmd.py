@@ -21,13 +21,10 @@ from models.errors import ConfigError, RecserveError
 RAY_PORT = int(os.environ.get("RECSERVE_RAY_PORT", "6380"))
 RAY_TMP = os.environ.get("RECSERVE_RAY_TMP", "/tmp/recserve-ray")
 METRICS_PORT = int(os.environ.get("RECSERVE_METRICS_PORT", "8080"))
-# Set on the Ray processes: Serve's controller polls less often (its idle CPU fell from ~45 to ~10 ms/s).
-RAY_ENV = {
-    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    "OPENBLAS_NUM_THREADS": "1",
-    "HF_HUB_OFFLINE": "1",
-}
+BASE_ENV = {"OPENBLAS_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+# Set on the Ray processes: throughput-optimized Serve (direct ingress, user code on the replica's main loop,
+# GC frozen), and a controller that polls less often (its idle CPU fell from ~45 to ~10 ms/s).
+TUNED_ENV = {**BASE_ENV, "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
 def _bin(name: str) -> str:
@@ -60,7 +57,7 @@ def direct_port(lo: int = 30000, hi: int = 30100) -> int | None:
     return None
 
 
-def start_ray(num_cpus: int | None) -> None:
+def start_ray(num_cpus: int | None, env: dict[str, str]) -> None:
     cmd = [
         _bin("ray"),
         "start",
@@ -73,7 +70,7 @@ def start_ray(num_cpus: int | None) -> None:
     ]
     if num_cpus:
         cmd.append(f"--num-cpus={num_cpus}")
-    out = subprocess.run(cmd, env={**os.environ, **RAY_ENV}, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
         raise RecserveError(f"`ray start` failed ({out.returncode}): {out.stderr.strip()[-800:]}")
 
@@ -82,20 +79,21 @@ def stop_ray() -> None:
     subprocess.run([_bin("ray"), "stop", "--force"], capture_output=True, timeout=120)
 
 
-def serve(config: Path, http_port: int, timeout_s: float, num_cpus: int | None) -> int:
+def serve(config: Path, http_port: int, timeout_s: float, num_cpus: int | None, tuned: bool = True) -> int:
     if not config.is_file():
         raise ConfigError(f"--config {config} does not exist: use deploy/serve_config.yaml or another serve config")
+    env = TUNED_ENV if tuned else BASE_ENV
     address = os.environ.get("RAY_ADDRESS", f"127.0.0.1:{RAY_PORT}")
     host, _, port = address.rpartition(":")
     started_ray = False
     if not _port_open(int(port), host or "127.0.0.1"):
         print(f"starting a local Ray head on port {RAY_PORT} (temp dir {RAY_TMP}, metrics on :{METRICS_PORT})")
-        start_ray(num_cpus)
+        start_ray(num_cpus, env)
         started_ray = True
     began = time.monotonic()
     proc = subprocess.Popen(
         [_bin("serve"), "run", str(config), f"--address={address}"],
-        env={**os.environ, **RAY_ENV, "RAY_ADDRESS": address},
+        env={**os.environ, **env, "RAY_ADDRESS": address},
         # A shell starts background jobs with SIGINT ignored; serve run must get Ctrl-C to shut the app down.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
@@ -117,7 +115,7 @@ def serve(config: Path, http_port: int, timeout_s: float, num_cpus: int | None) 
                 raise RecserveError(f"the app was not up after {timeout_s:.0f} s: see the log above")
             time.sleep(0.5)
         if not stopping["flag"]:
-            direct = direct_port()
+            direct = direct_port() if tuned else None
             client = f"http://127.0.0.1:{direct}" if direct else base
             status, body = _get(f"{client}/readyz", 60.0)  # the first readyz warms every path
             detail = json.loads(body) if body.startswith("{") else {}

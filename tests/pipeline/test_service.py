@@ -214,3 +214,36 @@ def test_knobs_change_without_a_restart(core, slice_online, stages):
     assert narrow.candidates <= 20 < wide.candidates
     svc.reconfigure(Knobs(chaos=Chaos(stage="cf", mode="error")))
     assert "cf_error" in run(svc.recommend(Query(user, k=5))).fallback_reason
+
+
+def test_past_the_in_flight_limit_requests_are_shed_with_retry_after_and_service_resumes(
+    core, slice_online, stages, feature_store, store_settings
+):
+    # Two requests stall in a stage (chaos delay); the third finds the replica full and is shed at once.
+    settings = EventSettings()
+    svc = service(
+        core,
+        slice_online,
+        stages,
+        max_in_flight=2,
+        deadline_ms=2000,
+        chaos=Chaos(stage="cf", mode="delay", delay_ms=300),
+    )
+    api = Api(svc, store_settings, settings, lambda: EventWriter(feature_store, store_settings, settings))
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_api(lambda: api)), base_url="http://r")
+    body = {"user_id": known_user(core), "k": 5}
+
+    async def burst() -> list[httpx.Response]:
+        slow = [asyncio.create_task(client.post("/recommend", json=body)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        shed = await client.post("/recommend", json=body)
+        healthz = await client.get("/healthz")  # not work: never shed
+        return [*await asyncio.gather(*slow), shed, healthz]
+
+    first, second, shed, healthz = run(burst())
+    assert first.status_code == second.status_code == 200 and healthz.status_code == 200
+    assert shed.status_code == 503 and shed.headers["retry-after"] == "1"
+    assert "at capacity (2 requests in flight" in shed.json()["error"]
+    assert shed.headers["x-request-id"] == shed.json()["request_id"]
+    svc.reconfigure(Knobs(max_in_flight=2))
+    assert call(client, "POST", "/recommend", json=body).status_code == 200  # nothing stays counted

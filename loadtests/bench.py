@@ -1,0 +1,229 @@
+"""Four systems side by side, same models, bundle and traffic: the highest arrival rate each holds at p99 <= 100 ms
+with no errors, what a request costs in CPU, and how recserve sheds overload.
+
+    python loadtests/bench.py [--systems colocated distributed naive floor] [--step-s 20] [--rounds 1]
+                              [--out reports/bench] [--overload-s 30]
+
+For each system in turn (rounds rotate the order, so drift in this machine's speed spreads over all four), it
+starts the system, steps the offered rate up (locust, open loop, the gate's traffic mix) until a step fails the
+SLO gate, and stops it. Per step: client p50/p95/p99, CPU-ms per request (the machine's busy CPU less the load
+generator's, over the requests answered) and the load generator's CPU share. For recserve, per-stage p50/p99 at
+the highest rate that held come from its Prometheus metrics. With --overload-s, recserve colocated is then
+driven at that rate, at twice it, and at it again, to show load shedding (503 + Retry-After) and recovery.
+Writes results.json, latency.png and a markdown table to --out, and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+import urllib.request
+from dataclasses import asdict
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loadtests.systems import METRICS_PORT, ROOT, SYSTEMS, Step, locust_step, running
+
+RATES = (10, 20, 40, 60, 100, 150, 200, 250, 300, 400, 500)
+METRIC_LAG_S = 10  # Ray's metrics agent exports every ~10 s
+
+
+def busy_cpu_s() -> float:
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
+def scrape() -> dict[tuple[str, str, float], float]:
+    """Cumulative histogram buckets of recserve's stage and request latencies, summed over replicas."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out: dict[tuple[str, str, float], float] = {}
+    pattern = re.compile(r"^ray_recserve_(stage|request)_latency_ms_bucket\{(.*)\} (\S+)$", re.M)
+    for kind, labels, value in pattern.findall(text):
+        tags = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        name = tags.get("stage") or f"request {tags.get('route')}"
+        key = (kind, name, float(tags["le"]))
+        out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
+def quantile(buckets: list[tuple[float, float]], q: float) -> float:
+    """Linear interpolation within cumulative buckets, as PromQL's histogram_quantile does."""
+    total = buckets[-1][1]
+    if total <= 0:
+        return float("nan")
+    rank, prev_le, prev_n = q * total, 0.0, 0.0
+    for le, n in buckets:
+        if n >= rank:
+            if le == float("inf"):
+                return prev_le
+            return prev_le + (le - prev_le) * ((rank - prev_n) / (n - prev_n) if n > prev_n else 1.0)
+        prev_le, prev_n = le, n
+    return prev_le
+
+
+def stage_quantiles(before: dict, after: dict) -> dict[str, dict[str, float]]:
+    names = sorted({(k[0], k[1]) for k in after})
+    out = {}
+    for kind, name in names:
+        buckets = sorted(
+            (le, after[(kind, name, le)] - before.get((kind, name, le), 0.0))
+            for (k, nm, le) in after
+            if k == kind and nm == name
+        )
+        if buckets and buckets[-1][1] > 0:
+            out[name] = {"p50": quantile(buckets, 0.5), "p99": quantile(buckets, 0.99), "n": buckets[-1][1]}
+    return out
+
+
+def measured(url: str, rate: float, seconds: float, report: Path, *extra: str) -> tuple[Step, dict[str, float]]:
+    busy0 = busy_cpu_s()
+    step = locust_step(url, rate, seconds, report, *extra)
+    busy = busy_cpu_s() - busy0
+    answered = max(step.requests - step.failures - step.shed, 1)
+    cost = {
+        "cpu_ms_per_request": (busy - step.locust_cpu_s) * 1000 / answered,
+        "locust_cpu_share": step.locust_cpu_s / (step.wall_s * psutil.cpu_count()),
+        "machine_busy_share": busy / (step.wall_s * psutil.cpu_count()),
+    }
+    return step, cost
+
+
+def run_system(name: str, rates: tuple[int, ...], step_s: float, out: Path) -> dict:
+    system = SYSTEMS[name]
+    steps: list[dict] = []
+    stages: dict[str, dict[str, float]] = {}
+    started = time.monotonic()
+    with running(system, out / name / "server.log") as url:
+        up_s = time.monotonic() - started
+        for rate in rates:
+            before = scrape() if system.ray else {}
+            step, cost = measured(url, rate, step_s, out / name / f"rate{rate}")
+            print(
+                f"  {system.label} @ {rate}/s: {step.line}; CPU {cost['cpu_ms_per_request']:.1f} ms/req, "
+                f"locust {cost['locust_cpu_share']:.0%} of the machine",
+                flush=True,
+            )
+            if system.ray:
+                time.sleep(METRIC_LAG_S)
+                if step.passed:
+                    stages = stage_quantiles(before, scrape())
+            else:
+                time.sleep(2)
+            steps.append({**asdict(step), **cost})
+            if not step.passed:
+                break
+    held = [s for s in steps if s["passed"]]
+    return {
+        "system": name,
+        "label": system.label,
+        "url": url,
+        "startup_s": up_s,
+        "max_rate": held[-1]["rate"] if held else 0,
+        "at_max": held[-1] if held else None,
+        "stages_at_max": stages,
+        "steps": steps,
+    }
+
+
+def overload(rate: float, seconds: float, out: Path) -> list[dict]:
+    """recserve colocated at the rate it held, at twice it, and at it again: shed, then recover by itself."""
+    phases = []
+    with running(SYSTEMS["colocated"], out / "overload" / "server.log") as url:
+        for label, r in (("held rate", rate), ("2x overload", 2 * rate), ("back to held rate", rate)):
+            step, cost = measured(url, r, seconds, out / "overload" / label.replace(" ", "-"), "--shed-ok")
+            print(f"  overload phase {label} @ {r:g}/s: {step.line}", flush=True)
+            phases.append({"phase": label, **asdict(step), **cost})
+    return phases
+
+
+def table(results: list[dict]) -> str:
+    by = {r["system"]: r for r in results}
+    naive = by.get("naive", {}).get("max_rate") or float("nan")
+    floor = by.get("floor", {}).get("max_rate") or float("nan")
+    rows = [
+        "| system | max req/s at p99 ≤ 100 ms | p50 / p99 there (ms) | CPU ms/req there | locust CPU share "
+        "| ×naive | ×floor |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        m = r["at_max"]
+        lat = f"{m['p50']:.0f} / {m['p99']:.0f}" if m else "—"
+        cpu = f"{m['cpu_ms_per_request']:.1f}" if m else "—"
+        share = f"{m['locust_cpu_share']:.0%}" if m else "—"
+        rows.append(
+            f"| {r['label']} | {r['max_rate']} | {lat} | {cpu} | {share} | "
+            f"{r['max_rate'] / naive:.1f} | {r['max_rate'] / floor:.2f} |"
+        )
+    return "\n".join(rows)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, r in enumerate(results):
+        rates = [s["rate"] for s in r["steps"]]
+        color = f"C{i}"
+        ax.plot(rates, [s["p99"] for s in r["steps"]], "o-", color=color, label=f"{r['label']} p99")
+        ax.plot(rates, [s["p50"] for s in r["steps"]], "s--", color=color, alpha=0.6, label=f"{r['label']} p50")
+    ax.axhline(100, color="red", lw=1, ls=":", label="SLO: p99 100 ms")
+    ax.set_xlabel("offered rate (requests/s, open loop)")
+    ax.set_ylabel("latency (ms, client side)")
+    ax.set_yscale("log")
+    ax.set_title("recserve vs naive Ray Serve vs in-process floor (2 cores, CPU)")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--systems", nargs="+", default=["colocated", "distributed", "naive", "floor"], choices=SYSTEMS)
+    p.add_argument("--rates", default=",".join(map(str, RATES)), help="offered rates to step through")
+    p.add_argument("--step-s", type=float, default=20.0)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--overload-s", type=float, default=30.0, help="0 skips the overload run")
+    p.add_argument("--out", type=Path, default=ROOT / "reports" / "bench")
+    args = p.parse_args()
+    rates = tuple(int(r) for r in args.rates.split(","))
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: list[dict] = []
+    for round_ in range(args.rounds):
+        k = round_ % len(args.systems)
+        for name in args.systems[k:] + args.systems[:k]:
+            print(f"round {round_ + 1}: {SYSTEMS[name].label}", flush=True)
+            results.append({**run_system(name, rates, args.step_s, args.out), "round": round_ + 1})
+    # Per system, the round with the median max rate.
+    best = []
+    for name in args.systems:
+        mine = sorted((r for r in results if r["system"] == name), key=lambda r: r["max_rate"])
+        best.append(mine[len(mine) // 2])
+    phases = []
+    colocated = next((r for r in best if r["system"] == "colocated"), None)
+    if args.overload_s > 0 and colocated and colocated["max_rate"]:
+        phases = overload(colocated["max_rate"], args.overload_s, args.out)
+    md = table(best)
+    (args.out / "results.json").write_text(json.dumps({"runs": results, "overload": phases}, indent=1))
+    (args.out / "table.md").write_text(md + "\n")
+    plot(best, args.out / "latency.png")
+    print(md)
+    for r in best:
+        if r["stages_at_max"]:
+            stages = ", ".join(f"{k} {v['p50']:.1f}/{v['p99']:.1f}" for k, v in r["stages_at_max"].items())
+            print(f"{r['label']} at {r['max_rate']}/s, server-side p50/p99 ms: {stages}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

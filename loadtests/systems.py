@@ -1,0 +1,200 @@
+"""Start and stop the systems the load tests drive, and run one locust step against them. Shared by gate.py
+(CI's SLO gate) and bench.py (the four-system benchmark). Imports no torch or Ray."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+RAY_PORT = int(os.environ.get("RECSERVE_RAY_PORT", "6380"))
+METRICS_PORT = int(os.environ.get("RECSERVE_METRICS_PORT", "8080"))
+FLOOR_PORT = 8001
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    label: str
+    command: list[str]
+    ray: bool  # its metrics are on Ray's metrics port
+
+
+SYSTEMS = {
+    "colocated": System("colocated", "recserve colocated", [str(BIN / "recserve"), "serve"], True),
+    "distributed": System(
+        "distributed",
+        "recserve distributed",
+        [str(BIN / "recserve"), "serve", "--config", str(ROOT / "deploy" / "serve_config.distributed.yaml")],
+        True,
+    ),
+    "naive": System(
+        "naive",
+        "naive Ray Serve",
+        [
+            str(BIN / "recserve"),
+            "serve",
+            "--ray-defaults",
+            "--config",
+            str(ROOT / "loadtests" / "naive_serve_config.yaml"),
+        ],
+        True,
+    ),
+    "floor": System(
+        "floor",
+        "in-process floor (uvicorn, no Ray)",
+        [sys.executable, "-m", "pipeline.local", "--port", str(FLOOR_PORT)],
+        False,
+    ),
+}
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.3)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _get(url: str, timeout: float) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status
+    except Exception:
+        return 0
+
+
+@contextmanager
+def running(system: System, log_path: Path, timeout_s: float = 300) -> Iterator[str]:
+    """Start the system, yield its base URL once it is up and warm, and stop it (and the Ray it started)."""
+    if port_open(RAY_PORT) or port_open(FLOOR_PORT):
+        raise RuntimeError(f"port {RAY_PORT} or {FLOOR_PORT} is taken: stop the recserve or Ray that holds it")
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            system.command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        url = _wait_up(system, proc, log_path, timeout_s)
+        yield url
+    finally:
+        _stop(proc)
+
+
+def _wait_up(system: System, proc: subprocess.Popen, log_path: Path, timeout_s: float) -> str:
+    began = time.monotonic()
+    while time.monotonic() - began < timeout_s:
+        if proc.poll() is not None:
+            tail = log_path.read_text()[-2000:]
+            raise RuntimeError(f"{system.label} exited with {proc.returncode} before it was up:\n{tail}")
+        if system.ray:
+            found = re.search(r"^HTTP: (http://\S+)", log_path.read_text(), re.M)
+            if found:
+                return found.group(1)
+        elif _get(f"http://127.0.0.1:{FLOOR_PORT}/readyz", 60) == 200:  # the first readyz warms every path
+            return f"http://127.0.0.1:{FLOOR_PORT}"
+        time.sleep(0.5)
+    raise RuntimeError(f"{system.label} was not up after {timeout_s:.0f} s: see {log_path}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)  # recserve serve shuts the app down and stops the Ray it started
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    for _ in range(60):  # the next system needs the ports
+        if not (port_open(RAY_PORT) or port_open(FLOOR_PORT)):
+            return
+        time.sleep(1)
+
+
+@dataclass(frozen=True)
+class Step:
+    rate: float
+    requests: int
+    failures: int
+    p50: float
+    p95: float
+    p99: float
+    rps: float
+    degraded: float
+    shed: int
+    answered_p99: float
+    passed: bool
+    line: str
+    locust_cpu_s: float
+    wall_s: float
+
+
+SUMMARY = re.compile(
+    r"SLO gate (?P<verdict>PASS|FAIL): requests (?P<requests>\d+), failures (?P<failures>\d+), "
+    r"p50 (?P<p50>[\d.]+) ms, p95 (?P<p95>[\d.]+) ms, p99 (?P<p99>[\d.]+) ms, rps (?P<rps>[\d.]+), "
+    r"degraded (?P<degraded>[\d.]+), shed (?P<shed>\d+), answered p99 (?P<answered_p99>[\d.]+) ms"
+)
+
+
+def locust_step(url: str, rate: float, seconds: float, report: Path, *extra: str, rate_per_user: float = 2.0) -> Step:
+    """Offer `rate` requests a second for `seconds`, open loop, with the SLO gate; CSV and HTML to `report`."""
+    users = max(1, round(rate / rate_per_user))
+    report.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        str(BIN / "locust"),
+        "-f",
+        str(ROOT / "loadtests" / "locustfile.py"),
+        "--headless",
+        "--only-summary",
+        "--host",
+        url,
+        "-u",
+        str(users),
+        "-r",
+        str(users),
+        "--run-time",
+        f"{seconds:.0f}s",
+        "--rate-per-user",
+        f"{rate / users:g}",
+        "--csv",
+        str(report),
+        "--html",
+        f"{report}.html",
+        *extra,
+    ]
+    before = os.times()
+    began = time.monotonic()
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=seconds + 120)
+    wall = time.monotonic() - began
+    after = os.times()
+    found = SUMMARY.search(out.stdout + out.stderr)
+    if not found:
+        raise RuntimeError(f"locust printed no summary line (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    g = found.groupdict()
+    return Step(
+        rate=rate,
+        requests=int(g["requests"]),
+        failures=int(g["failures"]),
+        p50=float(g["p50"]),
+        p95=float(g["p95"]),
+        p99=float(g["p99"]),
+        rps=float(g["rps"]),
+        degraded=float(g["degraded"]),
+        shed=int(g["shed"]),
+        answered_p99=float(g["answered_p99"]),
+        passed=g["verdict"] == "PASS" and out.returncode == 0,
+        line=found.group(0),
+        locust_cpu_s=(after.children_user + after.children_system) - (before.children_user + before.children_system),
+        wall_s=wall,
+    )

@@ -1,0 +1,122 @@
+"""The ingress's Api built in one process, as each Ingress replica builds it; and, run as a module, the same Api
+under plain uvicorn without Ray: the in-process floor that loadtests/bench.py measures Ray Serve against.
+
+    python -m pipeline.local [--config deploy/serve_config.yaml] [--port 8001]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from models.blender import Blender as BlenderModel
+from models.bundle import load_core, verified
+from models.cf import ALSModel
+from models.content import ContentModel, pick_device
+from models.errors import ConfigError, RecserveError
+from models.serving import BlendStage, CFStage, ContentStage
+from pipeline.api import Api, build_api
+from pipeline.app import PROJECT_ROOT, AppArgs
+from pipeline.events import EventWriter
+from pipeline.metrics import NullRecorder
+from pipeline.service import Knobs, LocalStages, RecommendService, Stages
+from pipeline.store import OnlineFeatures, open_store
+
+log = logging.getLogger("recserve")
+
+
+def limit_threads() -> None:
+    # Two cores: one BLAS/torch thread per process; more only contend.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("RECSERVE_TORCH_THREADS", "1")))
+
+
+def freeze_heap() -> None:
+    # Loading torch, Feast and the bundle leaves millions of long-lived objects; unfrozen, every full GC walks
+    # them all and stalls the loop for tens of ms under load.
+    gc.collect()
+    gc.freeze()
+
+
+def make_api(settings: AppArgs, stages: Stages | None = None, recorder: Callable[[str], Any] | None = None) -> Api:
+    """The ingress's Api over `stages`; None runs the models in this process (colocated). `recorder(version)`
+    makes the metrics recorder."""
+    bundle = Path(str(settings.bundle))
+    core = load_core(bundle)
+    if stages is None:
+        path, _, train_settings = verified(bundle)
+        device = pick_device()
+        stages = LocalStages(
+            CFStage(ALSModel.load(path, train_settings.cf), device=device),
+            ContentStage(ContentModel.load(path, device=device)).warm(),
+            BlendStage(BlenderModel.load(path, num_threads=1)),
+            threads=settings.stage_threads,
+        )
+    rec = recorder(core.version) if recorder else NullRecorder()
+    store = settings.store
+    try:
+        features = OnlineFeatures.load(store, core.version, core.snapshot.item_ids.tolist())
+    except RecserveError as exc:
+        # Still serve: item features are the bundle's own (the same values, see test_store), users degrade.
+        log.warning("feature store not usable at start (%s); serving bundle features until it is", exc)
+        features = OnlineFeatures(store, core.version, core.snapshot.item_ids, core.snapshot.item_matrix)
+    service = RecommendService(core, features, stages, settings.knobs, rec)
+
+    def writer() -> EventWriter:
+        return EventWriter(open_store(store), store, settings.events)
+
+    api = Api(service, store, settings.events, writer, rec)
+    try:
+        api.writer()  # now, not inside the first POST /events (opening Feast's registry takes ~0.7 s)
+    except RecserveError as exc:
+        log.warning("event writer not ready at start (%s); it will be made on the first event", exc)
+    return api
+
+
+def settings_from_config(config: Path) -> AppArgs:
+    """The app args and the Ingress's user_config knobs of a serve config, so the floor runs what it runs."""
+    try:
+        app = yaml.safe_load(config.read_text())["applications"][0]
+    except (OSError, KeyError, IndexError, TypeError, yaml.YAMLError) as exc:
+        raise ConfigError(
+            f"{config}: not a serve config with an application ({exc}): use deploy/serve_config.yaml"
+        ) from exc
+    ingress = next((d for d in app.get("deployments", []) if d.get("name") == "Ingress"), {})
+    args = AppArgs.model_validate({**app.get("args", {}), "topology": "colocated"})
+    knobs = Knobs.model_validate({**args.knobs.model_dump(), **ingress.get("user_config", {})})
+    return args.model_copy(update={"knobs": knobs})
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description="recserve's Api under plain uvicorn, without Ray (the in-process floor)")
+    p.add_argument("--config", type=Path, default=PROJECT_ROOT / "deploy" / "serve_config.yaml")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8001)
+    args = p.parse_args()
+    import uvicorn
+
+    try:
+        limit_threads()
+        settings = settings_from_config(args.config)
+        api = make_api(settings.model_copy(update={"bundle": settings.bundle_path()}))
+    except RecserveError as exc:
+        print(f"pipeline.local: error: {exc}", file=sys.stderr)
+        return 2
+    app = build_api(lambda: api)
+    freeze_heap()
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
