@@ -82,13 +82,26 @@ def stage_quantiles(before: dict, after: dict) -> dict[str, dict[str, float]]:
     return out
 
 
-def measured(url: str, rate: float, seconds: float, report: Path, *extra: str) -> tuple[Step, dict[str, float]]:
+def idle_cpu_s_per_s(seconds: float = 8.0) -> float:
+    """What the system burns with no load (Ray's own processes, pollers): CPU-s per second."""
+    busy0, t0 = busy_cpu_s(), time.monotonic()
+    time.sleep(seconds)
+    return (busy_cpu_s() - busy0) / (time.monotonic() - t0)
+
+
+def measured(
+    url: str, rate: float, seconds: float, report: Path, idle: float, *extra: str
+) -> tuple[Step, dict[str, float]]:
     busy0 = busy_cpu_s()
     step = locust_step(url, rate, seconds, report, *extra)
     busy = busy_cpu_s() - busy0
     answered = max(step.requests - step.failures - step.shed, 1)
+    server = busy - step.locust_cpu_s
     cost = {
-        "cpu_ms_per_request": (busy - step.locust_cpu_s) * 1000 / answered,
+        # Everything but the load generator: the server's processes, Redis, and the idle work of Ray itself.
+        "cpu_ms_per_request": server * 1000 / answered,
+        # Less what the same system burns with no load, measured before the steps: the per-request work.
+        "net_cpu_ms_per_request": (server - idle * step.wall_s) * 1000 / answered,
         "locust_cpu_share": step.locust_cpu_s / (step.wall_s * psutil.cpu_count()),
         "machine_busy_share": busy / (step.wall_s * psutil.cpu_count()),
     }
@@ -102,12 +115,15 @@ def run_system(name: str, rates: tuple[int, ...], step_s: float, out: Path) -> d
     started = time.monotonic()
     with running(system, out / name / "server.log") as url:
         up_s = time.monotonic() - started
+        idle = idle_cpu_s_per_s()
+        print(f"  {system.label}: up in {up_s:.0f} s, idle CPU {idle * 1000:.0f} ms/s", flush=True)
         for rate in rates:
             before = scrape() if system.ray else {}
-            step, cost = measured(url, rate, step_s, out / name / f"rate{rate}")
+            step, cost = measured(url, rate, step_s, out / name / f"rate{rate}", idle)
             print(
-                f"  {system.label} @ {rate}/s: {step.line}; CPU {cost['cpu_ms_per_request']:.1f} ms/req, "
-                f"locust {cost['locust_cpu_share']:.0%} of the machine",
+                f"  {system.label} @ {rate}/s: {step.line}; CPU {cost['cpu_ms_per_request']:.1f} ms/req "
+                f"({cost['net_cpu_ms_per_request']:.1f} above idle), locust {cost['locust_cpu_share']:.0%} of the "
+                "machine",
                 flush=True,
             )
             if system.ray:
@@ -125,6 +141,7 @@ def run_system(name: str, rates: tuple[int, ...], step_s: float, out: Path) -> d
         "label": system.label,
         "url": url,
         "startup_s": up_s,
+        "idle_cpu_ms_per_s": idle * 1000,
         "max_rate": held[-1]["rate"] if held else 0,
         "at_max": held[-1] if held else None,
         "stages_at_max": stages,
@@ -136,8 +153,9 @@ def overload(rate: float, seconds: float, out: Path) -> list[dict]:
     """recserve colocated at the rate it held, at twice it, and at it again: shed, then recover by itself."""
     phases = []
     with running(SYSTEMS["colocated"], out / "overload" / "server.log") as url:
+        idle = idle_cpu_s_per_s()
         for label, r in (("held rate", rate), ("2x overload", 2 * rate), ("back to held rate", rate)):
-            step, cost = measured(url, r, seconds, out / "overload" / label.replace(" ", "-"), "--shed-ok")
+            step, cost = measured(url, r, seconds, out / "overload" / label.replace(" ", "-"), idle, "--shed-ok")
             print(f"  overload phase {label} @ {r:g}/s: {step.line}", flush=True)
             phases.append({"phase": label, **asdict(step), **cost})
     return phases
@@ -148,17 +166,17 @@ def table(results: list[dict]) -> str:
     naive = by.get("naive", {}).get("max_rate") or float("nan")
     floor = by.get("floor", {}).get("max_rate") or float("nan")
     rows = [
-        "| system | max req/s at p99 ≤ 100 ms | p50 / p99 there (ms) | CPU ms/req there | locust CPU share "
-        "| ×naive | ×floor |",
-        "|---|---|---|---|---|---|---|",
+        "| system | max req/s at p99 ≤ 100 ms | p50 / p99 there (ms) | CPU ms/req there (above idle) "
+        "| idle CPU ms/s | locust CPU share | ×naive | ×floor |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         m = r["at_max"]
         lat = f"{m['p50']:.0f} / {m['p99']:.0f}" if m else "—"
-        cpu = f"{m['cpu_ms_per_request']:.1f}" if m else "—"
+        cpu = f"{m['cpu_ms_per_request']:.1f} ({m['net_cpu_ms_per_request']:.1f})" if m else "—"
         share = f"{m['locust_cpu_share']:.0%}" if m else "—"
         rows.append(
-            f"| {r['label']} | {r['max_rate']} | {lat} | {cpu} | {share} | "
+            f"| {r['label']} | {r['max_rate']} | {lat} | {cpu} | {r['idle_cpu_ms_per_s']:.0f} | {share} | "
             f"{r['max_rate'] / naive:.1f} | {r['max_rate'] / floor:.2f} |"
         )
     return "\n".join(rows)
@@ -176,6 +194,9 @@ def plot(results: list[dict], path: Path) -> None:
         color = f"C{i}"
         ax.plot(rates, [s["p99"] for s in r["steps"]], "o-", color=color, label=f"{r['label']} p99")
         ax.plot(rates, [s["p50"] for s in r["steps"]], "s--", color=color, alpha=0.6, label=f"{r['label']} p50")
+        failed = [s for s in r["steps"] if not s["passed"]]
+        ax.plot([s["rate"] for s in failed], [s["p99"] for s in failed], "x", color="black", ms=10)
+    ax.plot([], [], "x", color="black", ms=10, label="step failed the gate (p99, errors or shed)")
     ax.axhline(100, color="red", lw=1, ls=":", label="SLO: p99 100 ms")
     ax.set_xlabel("offered rate (requests/s, open loop)")
     ax.set_ylabel("latency (ms, client side)")
