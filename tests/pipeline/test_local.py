@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 def test_settings_come_from_the_serve_configs_args_and_ingress_user_config():
     colocated = settings_from_config(PROJECT_ROOT / "deploy" / "serve_config.yaml")
     assert colocated.topology == "colocated" and colocated.bundle is None  # artifacts/LATEST, resolved at start
-    assert colocated.knobs.deadline_ms == 80 and colocated.knobs.max_in_flight == 24
+    assert colocated.knobs.deadline_ms == 80 and colocated.knobs.max_in_flight == 48
     distributed = settings_from_config(PROJECT_ROOT / "deploy" / "serve_config.distributed.yaml")
     assert distributed.topology == "colocated" and distributed.knobs.deadline_ms == 120  # its knobs, run inline
 
