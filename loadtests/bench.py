@@ -28,7 +28,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loadtests.systems import METRICS_PORT, ROOT, SYSTEMS, Step, locust_step, running
+from loadtests.systems import ROOT, SYSTEMS, Step, locust_step, running
+from pipeline.serving_cmd import METRICS_PORT
 
 RATES = (10, 20, 40, 60, 100, 150, 200, 250, 300, 350, 400, 450, 500, 600)
 METRIC_LAG_S = 10  # Ray's metrics agent exports every ~10 s

@@ -1,25 +1,23 @@
 """Start and stop the systems the load tests drive, and run one locust step against them. Shared by gate.py
-(CI's SLO gate) and bench.py (the four-system benchmark). Imports no torch or Ray."""
+(CI's SLO gate) and bench.py (the four-system benchmark). Imports no torch or Ray (serving_cmd is stdlib)."""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.serving_cmd import RAY_PORT, http_get, port_open
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-RAY_PORT = int(os.environ.get("RECSERVE_RAY_PORT", "6380"))
-METRICS_PORT = int(os.environ.get("RECSERVE_METRICS_PORT", "8080"))
 FLOOR_PORT = 8001
 
 
@@ -60,20 +58,6 @@ SYSTEMS = {
 }
 
 
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.3)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _get(url: str, timeout: float) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status
-    except Exception:
-        return 0
-
-
 @contextmanager
 def running(system: System, log_path: Path, timeout_s: float = 300) -> Iterator[str]:
     """Start the system, yield its base URL once it is up and warm, and stop it (and the Ray it started)."""
@@ -102,7 +86,7 @@ def _wait_up(system: System, proc: subprocess.Popen, log_path: Path, timeout_s: 
             found = re.search(r"^HTTP: (http://\S+)", log_path.read_text(), re.M)
             if found:
                 return found.group(1)
-        elif _get(f"http://127.0.0.1:{FLOOR_PORT}/readyz", 60) == 200:  # the first readyz warms every path
+        elif http_get(f"http://127.0.0.1:{FLOOR_PORT}/readyz", 60)[0] == 200:  # the first readyz warms every path
             return f"http://127.0.0.1:{FLOOR_PORT}"
         time.sleep(0.5)
     raise RuntimeError(f"{system.label} was not up after {timeout_s:.0f} s: see {log_path}")

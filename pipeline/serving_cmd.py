@@ -32,13 +32,13 @@ def _bin(name: str) -> str:
     return str(found) if found.exists() else (shutil.which(name) or name)
 
 
-def _port_open(port: int, host: str = "127.0.0.1") -> bool:
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex((host, port)) == 0
 
 
-def _get(url: str, timeout: float = 2.0) -> tuple[int, str]:
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
             return r.status, r.read().decode()
@@ -52,7 +52,7 @@ def direct_port(lo: int = 30000, hi: int = 30100) -> int | None:
     """The ingress replica's own HTTP port (RAY_SERVE_THROUGHPUT_OPTIMIZED's direct ingress): it skips the
     proxy's ~12 ms. A fresh cluster gives 30000; a redeploy moves it up while the old port is quarantined."""
     for port in range(lo, hi):
-        if _port_open(port) and _get(f"http://127.0.0.1:{port}/healthz", 1.0)[0] == 200:
+        if port_open(port) and http_get(f"http://127.0.0.1:{port}/healthz", 1.0)[0] == 200:
             return port
     return None
 
@@ -86,7 +86,7 @@ def serve(config: Path, http_port: int, timeout_s: float, num_cpus: int | None, 
     address = os.environ.get("RAY_ADDRESS", f"127.0.0.1:{RAY_PORT}")
     host, _, port = address.rpartition(":")
     started_ray = False
-    if not _port_open(int(port), host or "127.0.0.1"):
+    if not port_open(int(port), host or "127.0.0.1"):
         print(f"starting a local Ray head on port {RAY_PORT} (temp dir {RAY_TMP}, metrics on :{METRICS_PORT})")
         start_ray(num_cpus, env)
         started_ray = True
@@ -109,7 +109,7 @@ def serve(config: Path, http_port: int, timeout_s: float, num_cpus: int | None, 
         while not stopping["flag"]:
             if proc.poll() is not None:
                 raise RecserveError(f"`serve run {config}` exited with {proc.returncode} before the app was ready")
-            if _get(f"{base}/healthz", 1.0)[0] == 200:
+            if http_get(f"{base}/healthz", 1.0)[0] == 200:
                 break
             if time.monotonic() - began > timeout_s:
                 raise RecserveError(f"the app was not up after {timeout_s:.0f} s: see the log above")
@@ -117,7 +117,7 @@ def serve(config: Path, http_port: int, timeout_s: float, num_cpus: int | None, 
         if not stopping["flag"]:
             direct = direct_port() if tuned else None
             client = f"http://127.0.0.1:{direct}" if direct else base
-            status, body = _get(f"{client}/readyz", 60.0)  # the first readyz warms every path
+            status, body = http_get(f"{client}/readyz", 60.0)  # the first readyz warms every path
             detail = json.loads(body) if body.startswith("{") else {}
             print(
                 f"recserve is up in {time.monotonic() - began:.1f} s ({config.name}, bundle "

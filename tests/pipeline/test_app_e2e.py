@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from pipeline.serving_cmd import port_open
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.integration
@@ -24,12 +24,6 @@ HTTP_PORT = 8011
 RAY_PORT = 6391
 METRICS_PORT = 8091
 CONFIGS = {"colocated": "serve_config.yaml", "distributed": "serve_config.distributed.yaml"}
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
@@ -80,7 +74,7 @@ def app(request, small_bundle, slice_online, store_settings, tmp_path_factory):
     assert proc.wait(180) == 0
     text = (tmp / "serve.log").read_text()
     assert "recserve stopped" in text
-    assert not _port_open(RAY_PORT) and not _port_open(HTTP_PORT)  # it took down the Ray it started
+    assert not port_open(RAY_PORT) and not port_open(HTTP_PORT)  # it took down the Ray it started
 
 
 def recommend(client: httpx.Client, **body) -> httpx.Response:
