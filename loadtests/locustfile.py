@@ -4,8 +4,15 @@
         --rate-per-user 1 --p99-ms 100 --csv reports/colocated --html reports/colocated.html
 
 Traffic, from the bundle's data: about 85% POST /recommend for holdout users (10% of them unknown users), about
-10% POST /events with plausible events for users in flight, about 5% GET /items/{id}/similar. Each simulated
-user paces itself at --rate-per-user requests a second (constant_throughput), so the offered rate is fixed.
+10% POST /events with plausible events for users in flight, about 5% GET /items/{id}/similar.
+
+Arrivals are open loop: each simulated user keeps its own schedule at --rate-per-user requests a second, whatever
+the latency, so the offered rate is users x rate. --arrival steady (the default, CI's gate) sends one request a
+period from a random phase; --arrival poisson-bursty sends Poisson arrivals at twice the rate for 2 s in every
+10 s of wall-clock time, so the bursts of all users coincide and the mean offered rate is 1.2x --rate-per-user
+(loadtests/arrivals.py). A user sends one request at a time: when its next arrival falls due while its previous
+request is still in flight, that request leaves late (the schedule does not slip, so the offered count holds);
+the summary line counts those sends, more than 10 ms late, as `late`.
 
 The gate fails (exit code 1) when p99 exceeds --p99-ms, when the error rate exceeds --max-error-rate, or when more
 than --max-degraded-share of /recommend answers were degraded; one summary line says which.
@@ -24,10 +31,21 @@ from locust import FastHttpUser, events, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from loadtests import arrivals
 from loadtests import traffic as traffic_data
 
 EVENT_MIX = (("view", 0.7), ("add_to_cart", 0.2), ("purchase", 0.1))
-state: dict[str, Any] = {"traffic": None, "recommends": 0, "degraded": 0, "shed": 0, "answered_ms": [], "in_flight": []}
+# A send more than this after its due time was held back by the user's previous request (s).
+LATE_S = 0.010
+state: dict[str, Any] = {
+    "traffic": None,
+    "recommends": 0,
+    "degraded": 0,
+    "shed": 0,
+    "late": 0,
+    "answered_ms": [],
+    "in_flight": [],
+}
 
 
 @events.init_command_line_parser.add_listener
@@ -35,7 +53,13 @@ def _options(parser: Any) -> None:
     parser.add_argument("--p99-ms", type=float, default=100.0, help="SLO: p99 latency bound (ms)")
     parser.add_argument("--max-error-rate", type=float, default=0.0, help="SLO: failed share of requests")
     parser.add_argument("--max-degraded-share", type=float, default=0.01, help="SLO: degraded share of /recommend")
-    parser.add_argument("--rate-per-user", type=float, default=1.0, help="requests a second per simulated user")
+    parser.add_argument("--rate-per-user", type=float, default=1.0, help="base requests a second per simulated user")
+    parser.add_argument(
+        "--arrival",
+        choices=sorted(arrivals.PATTERNS),
+        default="steady",
+        help="steady: one request a period; poisson-bursty: Poisson at 2x the base rate for 2 s in every 10 s",
+    )
     parser.add_argument("--bundle", default="", help="bundle directory (default: the one artifacts/LATEST names)")
     parser.add_argument(
         "--shed-ok",
@@ -55,23 +79,24 @@ def _load(environment: Any, **_: Any) -> None:
 
 
 class Shopper(FastHttpUser):
-    """One client at a fixed rate. geventhttpclient, not requests: several times less CPU a request (locust's
-    docs), and the load generator shares this machine's two cores with the server (7-13% of them up to 400/s)."""
+    """One client on its own arrival schedule. geventhttpclient, not requests: several times less CPU a request
+    (locust's docs), and the load generator shares this machine's two cores with the server (7-13% of them up to
+    400/s)."""
 
     def wait_time(self) -> float:
-        # Open loop: the next request is due one period after the last one was due, not after it finished, so a
-        # slow answer does not lower the offered rate.
-        self.due += self.period
-        return max(0.0, self.due - time.perf_counter())
+        # Open loop: the next request is due at the schedule's next arrival, not a gap after the last one finished,
+        # so a slow answer does not lower the offered rate.
+        late = time.time() - next(self.arrivals)
+        if late > LATE_S:
+            state["late"] += 1
+        return max(0.0, -late)
 
     def on_start(self) -> None:
         self.rng = random.Random()
-        self.period = 1.0 / self.environment.parsed_options.rate_per_user
-        # A random phase spreads users spawned together over the period, as independent clients are. (locust's
-        # constant_throughput counts its first period from the spawn, so it pulls every user back into one
-        # burst a second: p50 45 ms instead of 6 ms at 20 req/s here.)
-        self.due = time.perf_counter() + self.rng.random() * self.period
-        gevent.sleep(self.due - time.perf_counter())
+        opts = self.environment.parsed_options
+        # Unix time, not perf_counter: the bursts sit at fixed wall-clock seconds, the same for every user.
+        self.arrivals = arrivals.PATTERNS[opts.arrival](opts.rate_per_user, self.rng, time.time())
+        gevent.sleep(max(0.0, next(self.arrivals) - time.time()))
 
     def _user(self) -> str:
         t = state["traffic"]
@@ -151,7 +176,8 @@ def _gate(environment: Any, **_: Any) -> None:
     print(
         f"SLO gate {'FAIL' if problems else 'PASS'}: requests {n}, failures {failures}, p50 {p50:.0f} ms, "
         f"p95 {p95:.0f} ms, p99 {p99:.0f} ms, rps {total.total_rps:.1f}, degraded {degraded:.4f}, "
-        f"shed {state['shed']}, answered p99 {answered_p99:.0f} ms" + (f" ({'; '.join(problems)})" if problems else ""),
+        f"shed {state['shed']}, answered p99 {answered_p99:.0f} ms, late {state['late']}, arrival {opts.arrival}"
+        + (f" ({'; '.join(problems)})" if problems else ""),
         flush=True,
     )
     environment.process_exit_code = 1 if problems else 0

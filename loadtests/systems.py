@@ -118,6 +118,7 @@ class Step:
     degraded: float
     shed: int
     answered_p99: float
+    late: int  # sends held back more than 10 ms past their due time by the user's request in flight
     passed: bool
     line: str
     locust_cpu_s: float
@@ -128,11 +129,21 @@ SUMMARY = re.compile(
     r"SLO gate (?P<verdict>PASS|FAIL): requests (?P<requests>\d+), failures (?P<failures>\d+), "
     r"p50 (?P<p50>[\d.]+) ms, p95 (?P<p95>[\d.]+) ms, p99 (?P<p99>[\d.]+) ms, rps (?P<rps>[\d.]+), "
     r"degraded (?P<degraded>[\d.]+), shed (?P<shed>\d+), answered p99 (?P<answered_p99>[\d.]+) ms"
+    r"(?:, late (?P<late>\d+), arrival (?P<arrival>[\w-]+))?"
 )
 
 
-def locust_step(url: str, rate: float, seconds: float, report: Path, *extra: str, rate_per_user: float = 2.0) -> Step:
-    """Offer `rate` requests a second for `seconds`, open loop, with the SLO gate; CSV and HTML to `report`."""
+def locust_step(
+    url: str,
+    rate: float,
+    seconds: float,
+    report: Path,
+    *extra: str,
+    rate_per_user: float = 2.0,
+    arrival: str = "steady",
+) -> Step:
+    """Offer `rate` requests a second (the base rate: poisson-bursty's mean is 1.2x it) for `seconds`, open loop,
+    with arrivals `arrival` (loadtests/arrivals.py) and the SLO gate; CSV and HTML to `report`."""
     users = max(1, round(rate / rate_per_user))
     report.parent.mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -151,6 +162,8 @@ def locust_step(url: str, rate: float, seconds: float, report: Path, *extra: str
         f"{seconds:.0f}s",
         "--rate-per-user",
         f"{rate / users:g}",
+        "--arrival",
+        arrival,
         "--csv",
         str(report),
         "--html",
@@ -177,6 +190,7 @@ def locust_step(url: str, rate: float, seconds: float, report: Path, *extra: str
         degraded=float(g["degraded"]),
         shed=int(g["shed"]),
         answered_p99=float(g["answered_p99"]),
+        late=int(g["late"] or 0),
         passed=g["verdict"] == "PASS" and out.returncode == 0,
         line=found.group(0),
         locust_cpu_s=(after.children_user + after.children_system) - (before.children_user + before.children_system),

@@ -38,3 +38,17 @@ def test_stage_quantiles_use_only_what_a_step_added():
 
 def test_an_empty_histogram_has_no_quantile():
     assert np.isnan(quantile([(1.0, 0.0), (float("inf"), 0.0)], 0.5))
+
+
+def test_the_summary_line_parses_with_and_without_late_sends():
+    from loadtests.systems import SUMMARY
+
+    now = (
+        "SLO gate PASS: requests 715, failures 0, p50 2 ms, p95 43 ms, p99 49 ms, rps 23.7, degraded 0.0000, shed 0, "
+        "answered p99 49 ms, late 1, arrival poisson-bursty"
+    )
+    found = SUMMARY.search(f"locust output\n{now} (p99 120 ms > 100 ms)\n")
+    assert found and found.group(0) == now and found["late"] == "1" and found["arrival"] == "poisson-bursty"
+    before = now.split(", late")[0]  # what the locustfile printed before it counted late sends
+    found = SUMMARY.search(before)
+    assert found and found["late"] is None and found["p99"] == "49"
