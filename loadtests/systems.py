@@ -1,5 +1,9 @@
 """Start and stop the systems the load tests drive, and run one locust step against them. Shared by gate.py
-(CI's SLO gate) and bench.py (the four-system benchmark). Imports no torch or Ray (serving_cmd is stdlib)."""
+(CI's SLO gate) and bench.py (the four-system benchmark). Imports no torch or Ray (serving_cmd is stdlib).
+
+Three systems are `recserve serve` with a config, whose client URL is the `HTTP:` line it prints. The floor is a
+pool of plain uvicorn processes behind HAProxy (loadtests/floor.py), as many as colocated has ingress replicas.
+"""
 
 from __future__ import annotations
 
@@ -14,19 +18,26 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.serving_cmd import RAY_PORT, http_get, port_open
+from loadtests.floor import Pool, ingress_replicas, running_pool
+from pipeline.serving_cmd import RAY_PORT, port_open
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-FLOOR_PORT = 8001
+SERVE_PORT = 8000  # the configs' http_options.port: Serve's HAProxy (or proxy) holds it until the system is down
+FLOOR = Pool(workers=ingress_replicas())
 
 
 @dataclass(frozen=True)
 class System:
     name: str
     label: str
-    command: list[str]
+    command: list[str]  # `recserve serve …`; empty for the floor, which is FLOOR's pool
     ray: bool  # its metrics are on Ray's metrics port
+
+    @property
+    def ports(self) -> list[int]:
+        """What it listens on: free before it starts, and waited for after it stops."""
+        return [RAY_PORT, SERVE_PORT] if self.ray else [FLOOR.port, *FLOOR.worker_ports]
 
 
 SYSTEMS = {
@@ -51,8 +62,8 @@ SYSTEMS = {
     ),
     "floor": System(
         "floor",
-        "in-process floor (uvicorn, no Ray)",
-        [sys.executable, "-m", "pipeline.local", "--port", str(FLOOR_PORT)],
+        f"in-process floor ({FLOOR.workers}x uvicorn behind HAProxy, no Ray)",
+        [],
         False,
     ),
 }
@@ -61,9 +72,17 @@ SYSTEMS = {
 @contextmanager
 def running(system: System, log_path: Path, timeout_s: float = 300) -> Iterator[str]:
     """Start the system, yield its base URL once it is up and warm, and stop it (and the Ray it started)."""
-    if port_open(RAY_PORT) or port_open(FLOOR_PORT):
-        raise RuntimeError(f"port {RAY_PORT} or {FLOOR_PORT} is taken: stop the recserve or Ray that holds it")
+    taken = [port for port in system.ports if port_open(port)]
+    if taken:
+        raise RuntimeError(f"port(s) {taken} are taken: stop the recserve, Ray or floor that holds them")
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    if not system.ray:
+        try:
+            with running_pool(FLOOR, log_path, env, timeout_s) as url:
+                yield url
+        finally:
+            _wait_closed(system.ports)
+        return
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
@@ -74,20 +93,19 @@ def running(system: System, log_path: Path, timeout_s: float = 300) -> Iterator[
         yield url
     finally:
         _stop(proc)
+        _wait_closed(system.ports)
 
 
 def _wait_up(system: System, proc: subprocess.Popen, log_path: Path, timeout_s: float) -> str:
+    """The client URL `recserve serve` prints once the app is up and has warmed every path."""
     began = time.monotonic()
     while time.monotonic() - began < timeout_s:
         if proc.poll() is not None:
             tail = log_path.read_text()[-2000:]
             raise RuntimeError(f"{system.label} exited with {proc.returncode} before it was up:\n{tail}")
-        if system.ray:
-            found = re.search(r"^HTTP: (http://\S+)", log_path.read_text(), re.M)
-            if found:
-                return found.group(1)
-        elif http_get(f"http://127.0.0.1:{FLOOR_PORT}/readyz", 60)[0] == 200:  # the first readyz warms every path
-            return f"http://127.0.0.1:{FLOOR_PORT}"
+        found = re.search(r"^HTTP: (http://\S+)", log_path.read_text(), re.M)
+        if found:
+            return found.group(1)
         time.sleep(0.5)
     raise RuntimeError(f"{system.label} was not up after {timeout_s:.0f} s: see {log_path}")
 
@@ -100,9 +118,12 @@ def _stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    for _ in range(60):  # the next system needs the ports
-        if not (port_open(RAY_PORT) or port_open(FLOOR_PORT)):
-            return
+
+
+def _wait_closed(ports: list[int], timeout_s: float = 60) -> None:
+    """Up to `timeout_s` for the ports to close: the next system needs them (the next start says if one stays)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(port_open(p) for p in ports):
         time.sleep(1)
 
 
