@@ -36,7 +36,7 @@ serve: venv redis
 bench-serve: venv
 	$(BIN)/python loadtests/sequential.py
 
-# The four-system benchmark (about 20 minutes); results in reports/bench, see docs/benchmarks.md.
+# The four-system benchmark (about 25 minutes; it prints its estimate); results in reports/bench, see docs/benchmarks.md.
 bench: venv redis
 	$(BIN)/python loadtests/bench.py
 
