@@ -21,16 +21,17 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.serving_cmd import http_get, port_open
+from pipeline.serving_cmd import ServeSettings, http_get, port_open
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOCATED_CONFIG = ROOT / "deploy" / "serve_config.yaml"
-DEFAULT_REPLICAS = 2  # what the colocated config runs when it does not say
+# What the colocated app runs when its config does not say: one ingress replica per core (pipeline.app.build_app).
+DEFAULT_REPLICAS = os.cpu_count() or 1
 
 
 def ingress_replicas(config: Path = COLOCATED_CONFIG, default: int = DEFAULT_REPLICAS) -> int:
-    """The Ingress deployment's `num_replicas` in a serve config; `default` when the config, the deployment or
-    the field is missing (the floor still runs)."""
+    """The Ingress deployment's `num_replicas` in a serve config; `default` (one per core, as the app builder does)
+    when the config, the deployment or the field is missing."""
     try:
         app = yaml.safe_load(config.read_text())["applications"][0]
         ingress = next(d for d in app.get("deployments") or [] if d.get("name") == "Ingress")
@@ -48,8 +49,9 @@ class Pool:
 
     The HAProxy settings, where they matter to the comparison, are Ray Serve 2.60's HAProxy defaults
     (`ray/serve/_private/constants.py`, RAY_SERVE_HAPROXY_*), so the floor and colocated are balanced alike:
-    leastconn, 4 threads, retry only a connection that failed (nothing was sent, so a POST is safe to replay;
-    not empty responses or 503s, which would replay work or undo load shedding), redispatch to another server,
+    leastconn, 4 threads, retry on what `recserve serve` sets (`RAY_SERVE_HAPROXY_RETRY_ON`: a failed connection,
+    or an empty response from a worker that died mid-request; never a 503, which would undo load shedding),
+    redispatch to another server,
     health checks every 5 s (250 ms while a server changes state), 2 to fall or rise, and a server marked down
     after 3 connection errors seen on live traffic."""
 
@@ -59,7 +61,7 @@ class Pool:
     balance: str = "leastconn"
     nbthread: int = 4
     maxconn: int = 4096
-    retry_on: str = "conn-failure"
+    retry_on: str = ServeSettings().ray_env()["RAY_SERVE_HAPROXY_RETRY_ON"]
     retries: int = 3  # HAProxy's own default, written out
     timeout_connect_s: int = 5
     timeout_server_s: int = 10  # deploy/serve_config.yaml's request_timeout_s

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loadtests.floor import Pool, ingress_replicas, running_pool
-from pipeline.serving_cmd import RAY_PORT, port_open
+from pipeline.serving_cmd import ServeSettings, port_open
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -37,7 +37,7 @@ class System:
     @property
     def ports(self) -> list[int]:
         """What it listens on: free before it starts, and waited for after it stops."""
-        return [RAY_PORT, SERVE_PORT] if self.ray else [FLOOR.port, *FLOOR.worker_ports]
+        return [ServeSettings.from_env().ray_port, SERVE_PORT] if self.ray else [FLOOR.port, *FLOOR.worker_ports]
 
 
 SYSTEMS = {

@@ -6,6 +6,7 @@ inside a Ray Serve ingress replica or under plain uvicorn.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -30,6 +31,7 @@ from models.errors import (
 from models.serving import order
 from pipeline.events import EventSettings, EventWriter, validate_events
 from pipeline.metrics import NullRecorder
+from pipeline.recovery import StoreWatch
 from pipeline.schemas import (
     ErrorBody,
     EventsAccepted,
@@ -77,8 +79,13 @@ class Api:
         event_settings: EventSettings,
         writer_factory: Callable[[], EventWriter],
         recorder: Any = None,
+        watch: StoreWatch | None = None,
     ) -> None:
+        """`watch`, when given, keeps the store's state current (and restores a lost store) once `start` runs."""
         self.service = service
+        self.watch = watch
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
         self.store_settings = store_settings
         self.event_settings = event_settings
         self.known_items = frozenset(service.snapshot.item_ids.tolist())
@@ -130,16 +137,36 @@ class Api:
         self.recorder.events("accepted", accepted)
         return accepted
 
-    async def ready(self) -> tuple[bool, dict[str, Any]]:
+    async def start(self) -> None:
+        """Warm every path (the first call through each stage is slow and must not land on a customer), then start
+        the store watch on the running loop. Idempotent."""
         if not self._warmed:
             await self.service.warm()
             self._warmed = True
+        if self.watch is not None and not self._tasks:
+            self._stop.clear()
+            self._tasks.append(asyncio.create_task(self.watch.run(self._stop)))
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def ready(self) -> tuple[bool, dict[str, Any]]:
+        await self.start()
+        detail: dict[str, Any] = {"models": "loaded", "model_version": self.service.core.version}
+        if self.watch is not None:
+            status = self.watch.status
+            if status.checked_at == 0.0:
+                status = await asyncio.to_thread(self.watch.check)
+            detail |= {"feature_store": status.state, "redis": status.detail, "persistence": self.watch.persistence}
+            return status.state == "ok", detail
         try:
             require_redis(self.store_settings)
-            redis_ok, detail = True, "reachable"
+            redis_ok, text = True, "reachable"
         except StoreUnavailableError as exc:
-            redis_ok, detail = False, str(exc)
-        return redis_ok, {"models": "loaded", "model_version": self.service.core.version, "redis": detail}
+            redis_ok, text = False, str(exc)
+        return redis_ok, detail | {"feature_store": "ok" if redis_ok else "unreachable", "redis": text}
 
 
 def _items(items: list[Item]) -> list[ItemOut]:

@@ -4,6 +4,7 @@ It binds the same stage classes in the topology the config names: `colocated` (t
 ingress replica) or `distributed` (each model is a deployment of its own, with its own replicas and hardware).
 """
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -29,6 +30,16 @@ class AppArgs(BaseModel):
     events: EventSettings = EventSettings()
     knobs: Knobs = Field(Knobs(), description="initial runtime knobs; the Ingress's user_config overrides them")
     max_body_bytes: int = Field(1_000_000, ge=1024, le=100_000_000)
+    ingress_replicas: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="colocated: ingress replicas when the serve config's Ingress sets no num_replicas; default one "
+        "per core of the node that builds the app (each holds the models; HAProxy balances over them)",
+    )
+    watch_store: bool = Field(
+        True, description="check the bundle's rows in Redis twice a second; restore them after a loss (one replica)"
+    )
     stage_threads: int = Field(
         0, ge=0, le=64, description="colocated: 0 runs the model stages inline; n > 0 on a pool of n threads"
     )
@@ -49,7 +60,7 @@ def build_app(args: AppArgs) -> Application:
     verified(bundle)  # refuse a missing or altered bundle here, with its message, before any replica starts
     settings = args.model_dump(mode="json") | {"bundle": str(bundle)}
     if args.topology == "colocated":
-        return Ingress.bind(settings)
+        return Ingress.options(num_replicas=args.ingress_replicas or os.cpu_count() or 1).bind(settings)
     return Ingress.bind(
         settings, CollaborativeFilter.bind(str(bundle)), ContentModel.bind(str(bundle)), Blender.bind(str(bundle))
     )

@@ -156,7 +156,7 @@ def cmd_features_bench(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from pipeline.serving_cmd import serve
 
-    return serve(args.config, args.http_port, args.timeout, args.num_cpus, tuned=not args.ray_defaults)
+    return serve(args.config, args.timeout, args.num_cpus, tuned=not args.ray_defaults)
 
 
 def _data_and_quiet(p: argparse.ArgumentParser) -> None:
@@ -227,8 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the recommendation service on Ray Serve until SIGTERM or Ctrl-C",
         description="Start a local Ray head (port 6380) unless one runs at RAY_ADDRESS, `serve run` the config, "
-        "wait until the app answers, print a curl line. On SIGTERM or Ctrl-C it shuts the app down and stops "
-        "the Ray it started.",
+        "wait until every replica is up and warm, and print the client URL (HAProxy on the config's HTTP port, "
+        "8000) and a curl line. On SIGTERM or Ctrl-C it shuts the app down and stops the Ray it started, by its "
+        "process ids. Ports and folders come from RECSERVE_* variables (see pipeline/serving_cmd.py).",
     )
     srv.add_argument(
         "--config",
@@ -236,14 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=PROJECT_ROOT / "deploy" / "serve_config.yaml",
         help="serve config (default: deploy/serve_config.yaml, colocated)",
     )
-    srv.add_argument("--http-port", type=int, default=8000, help="the config's HTTP port (default: %(default)s)")
     srv.add_argument("--timeout", type=float, default=300, help="seconds to wait for the app (default: %(default)s)")
     srv.add_argument("--num-cpus", type=int, help="CPUs for a Ray head it starts (default: all)")
     srv.add_argument(
         "--ray-defaults",
         action="store_true",
-        help="run Ray and Serve with their default settings, without throughput-optimized mode and its direct "
-        "ingress port (the naive baseline of loadtests/bench.py)",
+        help="run Ray and Serve with their default settings: no throughput-optimized mode, no HAProxy, clients "
+        "through Serve's proxy (the naive baseline of loadtests/bench.py)",
     )
     srv.set_defaults(func=cmd_serve)
     return parser

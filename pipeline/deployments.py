@@ -20,7 +20,7 @@ from models.content import ContentModel as ContentModelClass
 from models.content import pick_device
 from models.serving import BlendStage, CFQuery, CFStage, ContentQuery, ContentStage, SourceList
 from pipeline.api import Api, build_api
-from pipeline.local import freeze_heap, limit_threads, make_api
+from pipeline.local import freeze_heap, limit_threads, low_priority, make_api
 from pipeline.metrics import RayRecorder
 from pipeline.service import Knobs
 
@@ -112,7 +112,9 @@ fastapi_app = build_api(_Current.get, set_request_id=False)
 @serve.deployment(max_ongoing_requests=64)
 @serve.ingress(fastapi_app)
 class Ingress:
-    def __init__(
+    # Async, so the replica warms every path and starts its store watch before Serve counts it as running and
+    # HAProxy sends it traffic (a restarted replica too).
+    async def __init__(  # type: ignore[misc]
         self,
         args: dict[str, Any],
         cf: DeploymentHandle | None = None,
@@ -121,12 +123,18 @@ class Ingress:
     ) -> None:
         from pipeline.app import AppArgs
 
-        limit_threads()
-        settings = AppArgs.model_validate(args)
-        remote = None if cf is None or content is None or blend is None else RemoteStages(cf, content, blend)
-        api = make_api(settings, remote, lambda version: RayRecorder(version, settings.topology))
+        with low_priority():
+            limit_threads()
+            settings = AppArgs.model_validate(args)
+            remote = None if cf is None or content is None or blend is None else RemoteStages(cf, content, blend)
+            api = make_api(settings, remote, lambda version: RayRecorder(version, settings.topology))
+            await api.start()
         _Current.api = api
         freeze_heap()
+
+    async def __del__(self) -> None:
+        if _Current.api is not None:
+            await _Current.api.stop()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         _Current.get().service.reconfigure(Knobs.model_validate(user_config))

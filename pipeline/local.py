@@ -7,11 +7,14 @@ under plain uvicorn without Ray: the in-process floor that loadtests/bench.py me
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import os
+import resource
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ from pipeline.api import Api, build_api
 from pipeline.app import PROJECT_ROOT, AppArgs
 from pipeline.events import EventWriter
 from pipeline.metrics import NullRecorder
+from pipeline.recovery import StoreWatch, bundle_materializer
 from pipeline.service import Knobs, LocalStages, RecommendService, Stages
 from pipeline.store import OnlineFeatures, open_store
 
@@ -39,6 +43,30 @@ def limit_threads() -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("RECSERVE_TORCH_THREADS", "1")))
+
+
+@contextmanager
+def low_priority(niceness: int = 10) -> Iterator[None]:
+    """Run the block at a lower CPU priority: a replica that starts (or restarts) while others serve on the same
+    node loads its models without taking their CPU (a restart on 2 cores stalled the surviving replica for about a
+    second). Only where the priority can be raised back afterwards (root, or RLIMIT_NICE allows it); elsewhere the
+    block runs as it is. Linux keeps a priority per thread, so every thread of the process is set."""
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
+    if os.geteuid() != 0 and 20 - soft > current:
+        yield
+        return
+
+    def set_all(value: int) -> None:
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, int(tid), value)
+
+    set_all(min(current + niceness, 19))
+    try:
+        yield
+    finally:
+        set_all(current)
 
 
 def freeze_heap() -> None:
@@ -70,12 +98,17 @@ def make_api(settings: AppArgs, stages: Stages | None = None, recorder: Callable
         # Still serve: item features are the bundle's own (the same values, see test_store), users degrade.
         log.warning("feature store not usable at start (%s); serving bundle features until it is", exc)
         features = OnlineFeatures(store, core.version, core.snapshot.item_ids, core.snapshot.item_matrix)
-    service = RecommendService(core, features, stages, settings.knobs, rec)
+    watch = None
+    if settings.watch_store:
+        watch = StoreWatch(store, core.version, bundle_materializer(store, bundle))
+    service = RecommendService(
+        core, features, stages, settings.knobs, rec, store_state=(lambda: watch.status.state) if watch else None
+    )
 
     def writer() -> EventWriter:
         return EventWriter(open_store(store), store, settings.events)
 
-    api = Api(service, store, settings.events, writer, rec)
+    api = Api(service, store, settings.events, writer, rec, watch)
     try:
         api.writer()  # now, not inside the first POST /events (opening Feast's registry takes ~0.7 s)
     except RecserveError as exc:

@@ -155,12 +155,27 @@ class Recorder(Protocol):
     def candidates(self, n: int) -> None: ...
 
 
+def _consume(task: asyncio.Future) -> None:
+    """Retrieve an abandoned task's outcome, so asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
 class RecommendService:
     def __init__(
-        self, core: ServingCore, features: OnlineFeatures, stages: Stages, knobs: Knobs, recorder: Recorder
+        self,
+        core: ServingCore,
+        features: OnlineFeatures,
+        stages: Stages,
+        knobs: Knobs,
+        recorder: Recorder,
+        store_state: Callable[[], str] | None = None,
     ) -> None:
+        """`store_state()` says what the replica's store watch saw last: "ok", "empty" or "unreachable" (None: no
+        watch; a Redis error still flips to the bundle's features for `feature_store_retry_s`)."""
         self.core = core
         self.features = features
+        self.store_state = store_state
         self.recorder = recorder
         self.stages = ChaosStages(stages, lambda: self.knobs.chaos)
         self.snapshot = core.snapshot
@@ -185,18 +200,23 @@ class RecommendService:
         return time.monotonic() >= self._store_down_until
 
     def user_features(self, user_id: str) -> tuple[UserFeatures, str | None]:
-        """From the store; from the bundle, flagged, when Redis is down (and for a short while after)."""
-        if self.store_healthy:
+        """From the store; from the bundle, flagged, when Redis is down (and for a short while after) or when the
+        bundle's rows are missing from it (`store_state` says "empty": the events still come from Redis)."""
+        state = self.store_state() if self.store_state else "ok"
+        live: UserFeatures | None = None
+        if state != "unreachable" and self.store_healthy:
             try:
-                return self.features.user(user_id), None
+                live = self.features.user(user_id)
             except FeatureStoreError:
                 self._store_down_until = time.monotonic() + self.knobs.feature_store_retry_s
+        if live is not None and state == "ok":
+            return live, None
         u = self.snapshot.user_index.get(user_id)
-        values: dict[str, Any] = {}
+        values: dict[str, Any] = {} if live is None else live.realtime.columns()
         if u is not None:
-            values = dict(zip(USER_NUMERIC_FEATURES, self.snapshot.user_matrix[u].tolist(), strict=True))
-        fallback = UserFeatures.from_values(user_id, values)
-        return fallback, "feature_store_unavailable"
+            values |= dict(zip(USER_NUMERIC_FEATURES, self.snapshot.user_matrix[u].tolist(), strict=True))
+        reason = "feature_store_empty" if live is not None else "feature_store_unavailable"
+        return UserFeatures.from_values(user_id, values), reason
 
     def session_items(self, realtime: Realtime) -> tuple[np.ndarray, set[int]]:
         """Catalog indices of the user's recent events, newest first, distinct; and which were only viewed."""
@@ -208,12 +228,18 @@ class RecommendService:
         return np.fromiter(seen, dtype=np.int64, count=len(seen)), {i for i, v in seen.items() if v}
 
     async def _within(self, call: Awaitable[T], until: float) -> tuple[T | None, str | None]:
-        try:
-            return await asyncio.wait_for(call, max(until - time.monotonic(), 0.0)), None
-        except TimeoutError:
+        """The call's result by `until` (monotonic s), or why not. The deadline is hard: a late call is cancelled
+        and left behind, never awaited (asyncio.wait_for waits for the cancellation to finish, and a call to a
+        dead replica's handle took seconds to cancel)."""
+        task = asyncio.ensure_future(call)
+        done, _ = await asyncio.wait({task}, timeout=max(until - time.monotonic(), 0.0))
+        if not done:
+            task.cancel()
+            task.add_done_callback(_consume)
             return None, "timeout"
-        except Exception:
+        if task.exception() is not None:
             return None, "error"
+        return task.result(), None
 
     async def recommend(self, q: Query) -> Result:
         started = time.monotonic()

@@ -1,8 +1,19 @@
-"""`recserve serve`: a local Ray head when none runs (port 6380: Redis holds 6379), `serve run <config>`, wait
-until the app answers, and on SIGTERM or Ctrl-C take down what it started."""
+"""`recserve serve`: a local Ray head when none runs, `serve run <config>`, one stable client URL, and on SIGTERM or
+Ctrl-C a shutdown of exactly what it started.
+
+The client URL is Ray Serve's HAProxy (`RAY_SERVE_ENABLE_HA_PROXY=1`) on the config's HTTP port (8000): it balances
+over the ingress replicas' own direct ports, so it stays put while replicas restart, move or are redeployed. The
+ports and folders that Ray, Serve and HAProxy use all come from `ServeSettings`, so a second instance (the
+end-to-end tests) can run beside the first without touching it.
+
+Stopping: `serve run` gets SIGINT (it shuts Serve down, HAProxy included); then, only if this command started the
+Ray head, that head gets SIGTERM, and whatever is left of its process session is killed by that session's id.
+Nothing is ever stopped by name, and a Ray cluster this command did not start is never stopped.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,15 +27,98 @@ import urllib.request
 from pathlib import Path
 from types import FrameType
 
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
 from models.errors import ConfigError, RecserveError
 
-RAY_PORT = int(os.environ.get("RECSERVE_RAY_PORT", "6380"))
-RAY_TMP = os.environ.get("RECSERVE_RAY_TMP", "/tmp/recserve-ray")
-METRICS_PORT = int(os.environ.get("RECSERVE_METRICS_PORT", "8080"))
 BASE_ENV = {"OPENBLAS_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-# Set on the Ray processes: throughput-optimized Serve (direct ingress, user code on the replica's main loop,
-# GC frozen), and a controller that polls less often (its idle CPU fell from ~45 to ~10 ms/s).
+# Throughput-optimized Serve (direct ingress, user code on the replica's main loop, GC frozen), and a controller that
+# polls less often (its idle CPU fell from ~45 to ~10 ms/s). See docs/benchmarks.md and the 2-core notes.
 TUNED_ENV = {**BASE_ENV, "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
+class ServeSettings(BaseModel):
+    """The process settings of `recserve serve`: every port and folder that its Ray, Serve and HAProxy use.
+
+    Each field reads `RECSERVE_<FIELD>` from the environment (e.g. `RECSERVE_RAY_PORT=6391`). The defaults keep off
+    Redis's 6379 and Ray's own defaults, so a stock Ray or a second recserve can share the machine."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ray_port: int = Field(6380, ge=1, le=65535, description="the Ray head's GCS port (Redis holds 6379)")
+    ray_tmp: Path = Field(Path("/tmp/recserve-ray"), description="Ray's temp dir")
+    # HAProxy's config, admin and metrics sockets, in <this>/<56-hex node id>/: HAProxy takes socket paths of at
+    # most 97 bytes, which leaves 29 for this folder.
+    haproxy_dir: Path = Field(Path("/tmp/recserve-haproxy"), description="HAProxy's files (absolute, <= 29 chars)")
+    metrics_port: int = Field(8080, ge=1, le=65535, description="Ray's metrics agent, which Prometheus scrapes")
+    dashboard_port: int = Field(8265, ge=1, le=65535)
+    dashboard_agent_port: int = Field(52365, ge=1, le=65535)
+    client_server_port: int = Field(10001, ge=1, le=65535)
+    worker_ports: str = Field("10002-19999", pattern=r"^\d+-\d+$", description="Ray worker ports, lo-hi")
+    direct_ports: str = Field("30000-30999", pattern=r"^\d+-\d+$", description="ingress replicas' own HTTP ports")
+    direct_grpc_ports: str = Field("40000-40999", pattern=r"^\d+-\d+$")
+    fallback_proxy_port: int = Field(8500, ge=1, le=65535, description="Serve's proxy, HAProxy's backup server")
+    fallback_grpc_port: int = Field(9500, ge=1, le=65535)
+    haproxy_stats_port: int = Field(8404, ge=1, le=65535)
+    haproxy_metrics_port: int = Field(9101, ge=1, le=65535)
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> ServeSettings:
+        env = os.environ if environ is None else environ
+        names = {f"RECSERVE_{field.upper()}": field for field in cls.model_fields}
+        given = {field: env[name] for name, field in names.items() if name in env}
+        try:
+            return cls.model_validate(given)
+        except ValidationError as exc:
+            field = str(exc.errors()[0]["loc"][0])
+            msg = exc.errors()[0]["msg"]
+            raise ConfigError(f"RECSERVE_{field.upper()}={given.get(field)!r}: {msg}; unset it or fix it") from None
+
+    @field_validator("haproxy_dir")
+    @classmethod
+    def _short(cls, value: Path) -> Path:
+        if not value.is_absolute() or len(str(value)) > 29:
+            raise ValueError(f"{value} must be an absolute path of at most 29 characters (HAProxy's socket limit)")
+        return value
+
+    def ray_env(self, tuned: bool = True) -> dict[str, str]:
+        """The environment of the Ray processes: what Serve's replicas, proxy and HAProxy read at start."""
+        lo, hi = self.direct_ports.split("-")
+        glo, ghi = self.direct_grpc_ports.split("-")
+        env = {
+            **(TUNED_ENV if tuned else BASE_ENV),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": lo,
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": hi,
+            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": glo,
+            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": ghi,
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(self.fallback_proxy_port),
+            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(self.fallback_grpc_port),
+            # Serve is shut down before the head gets SIGTERM, so the node has nothing left to drain.
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2",
+        }
+        if not tuned:
+            return env
+        h = self.haproxy_dir
+        return {
+            **env,
+            "RAY_SERVE_ENABLE_HA_PROXY": "1",
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(h / "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(h / "admin.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(h),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(h / "server-state"),
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(h / "metrics.sock"),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(self.haproxy_stats_port),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(self.haproxy_metrics_port),
+            # A replica killed mid-request closes the connection with no answer: HAProxy replays the request on
+            # another replica instead of failing it (measured: 1 failure in 1,250 without, 0 with). Every route is
+            # safe to replay except POST /events, whose replay after a write that landed counts the event twice;
+            # that needs a process death between the Redis write and the reply.
+            "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+            # A replica being replaced stops taking new requests; 5 s covers HAProxy's reload (~0.1-1 s here)
+            # where Serve's default of 30 s made every redeploy and shutdown wait half a minute.
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+        }
 
 
 def _bin(name: str) -> str:
@@ -48,55 +142,102 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
         return 0, ""
 
 
-def direct_port(lo: int = 30000, hi: int = 30100) -> int | None:
-    """The ingress replica's own HTTP port (RAY_SERVE_THROUGHPUT_OPTIMIZED's direct ingress): it skips the
-    proxy's ~12 ms. A fresh cluster gives 30000; a redeploy moves it up while the old port is quarantined."""
-    for port in range(lo, hi):
-        if port_open(port) and http_get(f"http://127.0.0.1:{port}/healthz", 1.0)[0] == 200:
-            return port
-    return None
+def config_http_port(config: Path) -> int:
+    """The HTTP port a serve config's `http_options` names (Serve's default is 8000)."""
+    try:
+        raw = yaml.safe_load(config.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"--config {config}: not readable as a serve config ({exc})") from None
+    return int((raw.get("http_options") or {}).get("port", 8000))
 
 
-def start_ray(num_cpus: int | None, env: dict[str, str]) -> None:
-    cmd = [
-        _bin("ray"),
-        "start",
-        "--head",
-        f"--port={RAY_PORT}",
-        f"--temp-dir={RAY_TMP}",
-        "--include-dashboard=false",
-        "--disable-usage-stats",
-        f"--metrics-export-port={METRICS_PORT}",
-    ]
-    if num_cpus:
-        cmd.append(f"--num-cpus={num_cpus}")
-    out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
-    if out.returncode != 0:
-        raise RecserveError(f"`ray start` failed ({out.returncode}): {out.stderr.strip()[-800:]}")
+class RayHead:
+    """A Ray head this process started (`ray start --head --block`), in a process session of its own, so that stopping
+    it reaches exactly its processes: SIGTERM to the head, then SIGKILL to whatever is left in its session."""
+
+    def __init__(self, settings: ServeSettings, env: dict[str, str], num_cpus: int | None, log: Path) -> None:
+        s = settings
+        cmd = [
+            _bin("ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={s.ray_port}",
+            f"--temp-dir={s.ray_tmp}",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            f"--metrics-export-port={s.metrics_port}",
+            f"--dashboard-port={s.dashboard_port}",
+            f"--dashboard-agent-listen-port={s.dashboard_agent_port}",
+            f"--ray-client-server-port={s.client_server_port}",
+            f"--min-worker-port={s.worker_ports.split('-')[0]}",
+            f"--max-worker-port={s.worker_ports.split('-')[1]}",
+        ]
+        if num_cpus:
+            cmd.append(f"--num-cpus={num_cpus}")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.port = s.ray_port
+        self.log = log
+
+    def wait_up(self, timeout_s: float = 120) -> None:
+        began = time.monotonic()
+        while not port_open(self.port):
+            if self.proc.poll() is not None:
+                tail = self.log.read_text(errors="replace")[-1500:]
+                raise RecserveError(f"`ray start` exited with {self.proc.returncode}: {tail}")
+            if time.monotonic() - began > timeout_s:
+                raise RecserveError(f"the Ray head did not open port {self.port} in {timeout_s:.0f} s: see {self.log}")
+            time.sleep(0.3)
+
+    def session_pids(self) -> list[int]:
+        """The processes still in the head's session (its gcs, raylet, workers and their children, HAProxy)."""
+        import psutil
+
+        sid = self.proc.pid
+        out = []
+        for p in psutil.process_iter(["pid"]):
+            try:
+                if p.pid != sid and os.getsid(p.pid) == sid:
+                    out.append(p.pid)
+            except (ProcessLookupError, PermissionError):
+                continue
+        return out
+
+    def stop(self, timeout_s: float = 40) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # Ray's own shutdown of the processes it started
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for pid in self.session_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
-def stop_ray() -> None:
-    subprocess.run([_bin("ray"), "stop", "--force"], capture_output=True, timeout=120)
+def ingress_replicas_up(stats_port: int) -> int:
+    """How many ingress replicas HAProxy counts as UP, from its stats page (0 when it does not answer)."""
+    code, text = http_get(f"http://127.0.0.1:{stats_port}/stats;csv", 2.0)
+    if code != 200:
+        return 0
+    rows = [line.split(",") for line in text.splitlines() if line and not line.startswith("#")]
+    return sum(1 for r in rows if len(r) > 17 and r[1].startswith("SERVE_REPLICA") and r[17] == "UP")
 
 
-def serve(config: Path, http_port: int, timeout_s: float, num_cpus: int | None, tuned: bool = True) -> int:
+def serve(config: Path, timeout_s: float, num_cpus: int | None, tuned: bool = True) -> int:
     if not config.is_file():
         raise ConfigError(f"--config {config} does not exist: use deploy/serve_config.yaml or another serve config")
-    env = TUNED_ENV if tuned else BASE_ENV
-    address = os.environ.get("RAY_ADDRESS", f"127.0.0.1:{RAY_PORT}")
+    settings = ServeSettings.from_env()
+    http_port = config_http_port(config)
+    env = settings.ray_env(tuned)
+    address = os.environ.get("RAY_ADDRESS", f"127.0.0.1:{settings.ray_port}")
     host, _, port = address.rpartition(":")
-    started_ray = False
-    if not port_open(int(port), host or "127.0.0.1"):
-        print(f"starting a local Ray head on port {RAY_PORT} (temp dir {RAY_TMP}, metrics on :{METRICS_PORT})")
-        start_ray(num_cpus, env)
-        started_ray = True
-    began = time.monotonic()
-    proc = subprocess.Popen(
-        [_bin("serve"), "run", str(config), f"--address={address}"],
-        env={**os.environ, **env, "RAY_ADDRESS": address},
-        # A shell starts background jobs with SIGINT ignored; serve run must get Ctrl-C to shut the app down.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    head: RayHead | None = None
     stopping = {"flag": False}
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -104,40 +245,71 @@ def serve(config: Path, http_port: int, timeout_s: float, num_cpus: int | None, 
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    began = time.monotonic()
+    proc: subprocess.Popen | None = None
     try:
+        if not port_open(int(port), host or "127.0.0.1"):
+            print(
+                f"starting a local Ray head on port {settings.ray_port} (temp dir {settings.ray_tmp}, "
+                f"metrics on :{settings.metrics_port})",
+                flush=True,
+            )
+            head = RayHead(settings, env, num_cpus, settings.ray_tmp.parent / f"{settings.ray_tmp.name}-head.log")
+            head.wait_up()
+        elif tuned:
+            print(
+                f"using the Ray at {address}: HAProxy mode needs RAY_SERVE_ENABLE_HA_PROXY=1 in that cluster's "
+                "environment, else clients use the Serve proxy on the same port",
+                flush=True,
+            )
+        proc = subprocess.Popen(
+            [_bin("serve"), "run", str(config), f"--address={address}"],
+            env={**os.environ, **env, "RAY_ADDRESS": address},
+            # A shell starts background jobs with SIGINT ignored; serve run must get Ctrl-C to shut the app down.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         base = f"http://127.0.0.1:{http_port}"
-        while not stopping["flag"]:
-            if proc.poll() is not None:
-                raise RecserveError(f"`serve run {config}` exited with {proc.returncode} before the app was ready")
-            if http_get(f"{base}/healthz", 1.0)[0] == 200:
-                break
-            if time.monotonic() - began > timeout_s:
-                raise RecserveError(f"the app was not up after {timeout_s:.0f} s: see the log above")
-            time.sleep(0.5)
-        if not stopping["flag"]:
-            direct = direct_port() if tuned else None
-            client = f"http://127.0.0.1:{direct}" if direct else base
-            status, body = http_get(f"{client}/readyz", 60.0)  # the first readyz warms every path
-            detail = json.loads(body) if body.startswith("{") else {}
+        ready = _wait_ready(proc, config, base, timeout_s, began, stopping)
+        if ready is not None:
+            detail = json.loads(ready) if ready.startswith("{") else {}
+            front = f"HAProxy over {ingress_replicas_up(settings.haproxy_stats_port)} ingress replicas" if tuned else ""
             print(
                 f"recserve is up in {time.monotonic() - began:.1f} s ({config.name}, bundle "
-                f"{detail.get('model_version', '?')}, ready: {status == 200})\n"
-                f"HTTP: {client} (direct ingress{'' if direct else ': not found'}), {base} (Serve proxy); "
-                f"metrics: http://127.0.0.1:{METRICS_PORT}/metrics\n"
-                f"try:  curl -s -X POST {client}/recommend -H 'Content-Type: application/json' "
+                f"{detail.get('model_version', '?')}, feature store {detail.get('feature_store', '?')})\n"
+                f"HTTP: {base} ({front or 'Serve proxy'}); "
+                f"metrics: http://127.0.0.1:{settings.metrics_port}/metrics\n"
+                f"try:  curl -s -X POST {base}/recommend -H 'Content-Type: application/json' "
                 '-d \'{"user_id": "12347", "k": 5}\'',
                 flush=True,
             )
         while not stopping["flag"] and proc.poll() is None:
             time.sleep(0.2)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # serve run shuts the app down on Ctrl-C
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # serve run shuts Serve down on Ctrl-C: replicas, proxies, HAProxy
             try:
-                proc.wait(15)
+                proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        if started_ray:
-            stop_ray()
+                proc.wait()
+        if head is not None:
+            head.stop()
         print("recserve stopped", flush=True)
     return 0
+
+
+def _wait_ready(
+    proc: subprocess.Popen, config: Path, base: str, timeout_s: float, began: float, stopping: dict[str, bool]
+) -> str | None:
+    """Block until /readyz answers through the client URL; its body, or None when asked to stop first. A replica
+    warms every path before Serve counts it as running, so HAProxy only ever routes to warm replicas."""
+    while not stopping["flag"]:
+        if proc.poll() is not None:
+            raise RecserveError(f"`serve run {config}` exited with {proc.returncode} before the app was ready")
+        if time.monotonic() - began > timeout_s:
+            raise RecserveError(f"the app was not up after {timeout_s:.0f} s: see the log above")
+        code, body = http_get(f"{base}/readyz", 10.0)
+        if code in (200, 503) and body.startswith("{"):  # 503 with a body: up, the feature store is not ready
+            return body
+        time.sleep(0.5)
+    return None

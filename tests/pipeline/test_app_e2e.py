@@ -3,27 +3,55 @@ topology, over the session's Feast project on the real Redis; the tests drive it
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pandas as pd
 import pytest
 import yaml
 
-from pipeline.serving_cmd import port_open
+from pipeline.serving_cmd import ServeSettings, ingress_replicas_up, port_open
 from tests.conftest import ROOT
+from tests.support.load import open_loop
 
 pytestmark = pytest.mark.integration
 
-HTTP_PORT = 8011
-RAY_PORT = 6391
-METRICS_PORT = 8091
 CONFIGS = {"colocated": "serve_config.yaml", "distributed": "serve_config.distributed.yaml"}
+HTTP_PORT = 8011
+# Every port and folder of the test's own Ray, Serve and HAProxy: off the defaults, so a running demo (`make demo`)
+# and these tests never meet (tests/isolation.py checks that in CI).
+SETTINGS = ServeSettings(
+    ray_port=6391,
+    ray_tmp=Path(f"/tmp/recserve-ray-test-{os.getpid()}"),
+    haproxy_dir=Path(f"/tmp/rs-hap-test-{os.getpid()}"),
+    metrics_port=8091,
+    dashboard_port=8276,
+    dashboard_agent_port=52376,
+    client_server_port=10011,
+    worker_ports="20002-20999",
+    direct_ports="31000-31099",
+    direct_grpc_ports="41000-41099",
+    fallback_proxy_port=8511,
+    fallback_grpc_port=9511,
+    haproxy_stats_port=8414,
+    haproxy_metrics_port=9111,
+)
+SETTINGS_ENV = {f"RECSERVE_{k.upper()}": str(v) for k, v in SETTINGS.model_dump().items()}
+
+
+@dataclass(frozen=True)
+class App:
+    topology: str
+    client: httpx.Client
+    url: str
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
@@ -42,16 +70,11 @@ def app(request, small_bundle, slice_online, store_settings, tmp_path_factory):
     path = tmp / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
     log = (tmp / "serve.log").open("w")
-    env = {
-        **os.environ,
-        "RECSERVE_RAY_PORT": str(RAY_PORT),
-        "RECSERVE_RAY_TMP": f"/tmp/recserve-ray-test-{os.getpid()}",
-        "RECSERVE_METRICS_PORT": str(METRICS_PORT),
-    }
+    env = {**os.environ, **SETTINGS_ENV}
     env.pop("RAY_ADDRESS", None)
     started = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "serve", "--config", str(path), "--http-port", str(HTTP_PORT)],
+        [sys.executable, "-m", "pipeline.cli", "serve", "--config", str(path)],
         cwd=ROOT,
         env=env,
         stdout=log,
@@ -64,17 +87,46 @@ def app(request, small_bundle, slice_online, store_settings, tmp_path_factory):
             proc.kill()
             pytest.fail(f"recserve serve did not come up ({topology}):\n{text[-4000:]}")
         time.sleep(1)
-    # The port a client uses: the ingress's direct port that `recserve serve` reports.
-    url = re.search(r"HTTP: (http://127\.0\.0\.1:\d+) \(direct ingress\)", text)
-    assert url, text[-2000:]
+    # The one URL a client uses: HAProxy on the config's port, whatever the replicas' own ports are.
+    url = re.search(r"^HTTP: (http://127\.0\.0\.1:\d+) \(HAProxy over", text, re.M)
+    assert url and url[1] == f"http://127.0.0.1:{HTTP_PORT}", text[-2000:]
     client = httpx.Client(base_url=url[1], timeout=30)
-    yield topology, client
+    yield App(topology, client, url[1])
     client.close()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(180) == 0
     text = (tmp / "serve.log").read_text()
     assert "recserve stopped" in text
-    assert not port_open(RAY_PORT) and not port_open(HTTP_PORT)  # it took down the Ray it started
+    # It took down exactly what it started: its Ray, HAProxy and replicas' ports are all closed.
+    for port in (SETTINGS.ray_port, HTTP_PORT, SETTINGS.haproxy_stats_port, SETTINGS.fallback_proxy_port, 31000):
+        assert not port_open(port), port
+
+
+def replicas(deployment: str) -> list[dict]:
+    """The deployment's live replicas (pid, name) from Ray's actor table."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.support.ray_replicas",
+            f"--address=127.0.0.1:{SETTINGS.ray_port}",
+            f"--deployment={deployment}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def wait_for(predicate, timeout_s: float, what: str) -> float:
+    began = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - began < timeout_s, f"{what} not within {timeout_s:.0f} s"
+        time.sleep(0.5)
+    return time.monotonic() - began
 
 
 def recommend(client: httpx.Client, **body) -> httpx.Response:
@@ -82,7 +134,7 @@ def recommend(client: httpx.Client, **body) -> httpx.Response:
 
 
 def test_health_readiness_and_openapi(app):
-    _, client = app
+    client = app.client
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["model_version"] == "slice-v1"
@@ -90,7 +142,7 @@ def test_health_readiness_and_openapi(app):
 
 
 def test_recommend_for_known_and_unknown_users(app, small_bundle):
-    topology, client = app
+    topology, client = app.topology, app.client
     known = pd.read_parquet(small_bundle / "user_features.parquet")["user_id"].iloc[5]
     for user in (known, "someone-new"):
         r = recommend(client, user_id=user, k=8)
@@ -105,7 +157,7 @@ def test_recommend_for_known_and_unknown_users(app, small_bundle):
 
 
 def test_exclude_and_query(app, small_bundle):
-    _, client = app
+    client = app.client
     known = pd.read_parquet(small_bundle / "user_features.parquet")["user_id"].iloc[9]
     first = [i["item_id"] for i in recommend(client, user_id=known, k=5).json()["items"]]
     again = recommend(client, user_id=known, k=20, exclude=first).json()
@@ -117,7 +169,7 @@ def test_exclude_and_query(app, small_bundle):
 
 
 def test_an_event_changes_the_next_recommendation(app, small_bundle):
-    topology, client = app
+    topology, client = app.topology, app.client
     catalog = pd.read_parquet(small_bundle / "catalog.parquet")
     family = catalog[catalog["description"].str.contains("HEART")]["item_id"].head(3).tolist()
     user = f"e2e-events-{topology}"
@@ -132,7 +184,7 @@ def test_an_event_changes_the_next_recommendation(app, small_bundle):
 
 
 def test_similar_items(app, small_bundle):
-    _, client = app
+    client = app.client
     item = pd.read_parquet(small_bundle / "catalog.parquet")["item_id"].iloc[0]
     r = client.get(f"/items/{item}/similar", params={"k": 5})
     assert r.status_code == 200 and len(r.json()["items"]) == 5
@@ -151,21 +203,21 @@ def test_similar_items(app, small_bundle):
     ],
 )
 def test_bad_input_is_a_4xx_naming_the_field(app, content, status, field):
-    _, client = app
+    client = app.client
     r = client.post("/recommend", content=content, headers={"Content-Type": "application/json"})
     assert r.status_code == status, r.text[:300]
     assert r.json()["field"] == field
 
 
 def test_metrics_show_the_stage_histograms_after_traffic(app):
-    topology, client = app
+    topology, client = app.topology, app.client
     for n in range(5):
         recommend(client, user_id=f"metrics-{n}", k=3)
     deadline = time.monotonic() + 90
     text = ""
     while time.monotonic() < deadline:
         try:
-            text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5).text
+            text = httpx.get(f"http://127.0.0.1:{SETTINGS.metrics_port}/metrics", timeout=5).text
         except httpx.HTTPError:
             text = ""
         wanted = [f'stage="{s}"' for s in ("features", "cf", "content", "blend", "rules")]
@@ -177,3 +229,82 @@ def test_metrics_show_the_stage_histograms_after_traffic(app):
         assert f'stage="{stage}"' in text, stage
     assert "recserve_requests" in text and 'route="/recommend"' in text
     assert "recserve_model_info" in text and f'topology="{topology}"' in text
+
+
+# The lifecycle drills run last in the module: they kill replicas of the app the tests above used.
+
+
+def _users(small_bundle) -> list[str]:
+    known = pd.read_parquet(small_bundle / "user_features.parquet")["user_id"].head(200).tolist()
+    return [*known, *(f"drill-new-{n}" for n in range(20))]
+
+
+def _summary(run) -> str:
+    codes: dict[str, int] = {}
+    for o in run.outcomes:
+        key = str(o.status) if o.status else o.error
+        codes[key] = codes.get(key, 0) + 1
+    degraded = sum(o.degraded for o in run.outcomes)
+    return f"{len(run.outcomes)} requests, {codes}, degraded {degraded}, p99 {run.p99_ms():.0f} ms"
+
+
+def test_killing_an_ingress_replica_under_load_fails_no_request(app, small_bundle):
+    if app.topology != "colocated":
+        pytest.skip("distributed runs one ingress replica; its drill kills a model replica")
+    wait_for(lambda: ingress_replicas_up(SETTINGS.haproxy_stats_port) >= 2, 120, "two ingress replicas UP")
+    live = replicas("Ingress")
+    if len(live) < 2:
+        pytest.skip("one core: the colocated app runs a single ingress replica")
+    users = _users(small_bundle)
+    thread, run = open_loop(app.url, 40, 20, lambda i: {"user_id": users[i % len(users)], "k": 10})
+    time.sleep(6)
+    os.kill(live[0]["pid"], signal.SIGKILL)
+    thread.join(90)
+    print(f"ingress replica {live[0]['pid']} killed under 40 req/s: {_summary(run)}")
+    assert len(run.outcomes) == 800 and not run.failed(), run.failed()[:5]
+    back = wait_for(lambda: ingress_replicas_up(SETTINGS.haproxy_stats_port) >= 2, 180, "the replica back in HAProxy")
+    print(f"Ray restarted it; HAProxy had two replicas UP again {back:.0f} s after the load ended")
+
+
+def test_with_no_ingress_replica_the_endpoint_answers_503_with_retry_after(app, small_bundle):
+    if app.topology != "colocated":
+        pytest.skip("the colocated app's replicas are the drill's target")
+    wait_for(lambda: ingress_replicas_up(SETTINGS.haproxy_stats_port) >= 2, 180, "two ingress replicas UP")
+    users = _users(small_bundle)
+    thread, run = open_loop(app.url, 10, 60, lambda i: {"user_id": users[i % len(users)], "k": 10})
+    time.sleep(5)
+    killed_at = 5.0
+    for r in replicas("Ingress"):
+        os.kill(r["pid"], signal.SIGKILL)
+    thread.join(120)
+    after = [o for o in run.outcomes if o.sent_at >= killed_at]
+    refused = [o for o in after if o.status not in (200, 503)]
+    no_retry_after = [o for o in after if o.status == 503 and not o.retry_after]
+    shed = [o for o in after if o.status == 503]
+    shed_from = shed[0].sent_at if shed else 0.0
+    first_ok = next((o.sent_at for o in after if o.status == 200 and o.sent_at > shed_from), None)
+    print(
+        f"every ingress replica killed at t={killed_at:.0f} s: {_summary(run)}; 503 + Retry-After from "
+        f"t={shed_from:.1f} s, answers again from t={first_ok} s"
+    )
+    assert shed, "no 503 while no replica was up"
+    assert not refused and not no_retry_after, (refused + no_retry_after)[:5]
+    assert first_ok is not None, "no replica came back within the run"
+
+
+def test_killing_a_model_replica_costs_no_failure_and_no_late_answer(app, small_bundle):
+    if app.topology != "distributed":
+        pytest.skip("the colocated app has no model deployments")
+    deadline_ms = 120  # deploy/serve_config.distributed.yaml's Ingress user_config
+    live = replicas("CollaborativeFilter")
+    assert live, "no CF replica found"
+    users = _users(small_bundle)
+    thread, run = open_loop(app.url, 20, 30, lambda i: {"user_id": users[i % len(users)], "k": 10})
+    time.sleep(5)
+    os.kill(live[0]["pid"], signal.SIGKILL)
+    thread.join(90)
+    degraded = sum(o.degraded for o in run.outcomes)
+    print(f"CF replica {live[0]['pid']} killed under 20 req/s: {_summary(run)}")
+    assert len(run.outcomes) == 600 and not run.failed(), run.failed()[:5]
+    assert run.p99_ms() <= deadline_ms + 20
+    assert degraded > 0  # the ladder answered without CF while Ray replaced it
