@@ -114,8 +114,8 @@ def unavailable(settings: StoreSettings, exc: Exception) -> StoreUnavailableErro
     host, port = settings.host_port
     return StoreUnavailableError(
         f"Redis at {host}:{port} does not answer ({exc}): start one with `deploy/ensure-redis.sh` "
-        f"(it runs `redis-server --port {port} --save '' --daemonize yes`, installing Debian's redis-server if "
-        "needed), or point RECSERVE_REDIS at a running one; then retry"
+        f"(it runs `redis-server --port {port} --appendonly yes --daemonize yes`, installing Debian's redis-server "
+        "if needed), or point RECSERVE_REDIS at a running one; then retry"
     )
 
 
@@ -181,6 +181,27 @@ def apply(store: FeatureStore, bundle_dir: Path) -> list[str]:
 
 def marker_key(project: str, version: str) -> str:
     return f"recserve:{project}:materialized:{version}"
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def persistence(client: redis.Redis) -> str:
+    """How this Redis keeps its data across a restart: "aof(<appendfsync>)" (e.g. "aof(everysec)"), "rdb"
+    (snapshots only), "none", or "unknown" where CONFIG GET is refused (managed Redis often disables it).
+
+    Raises redis's ConnectionError or TimeoutError (REDIS_ERRORS) when Redis does not answer."""
+    try:
+        conf = client.config_get("appendonly", "appendfsync", "save")
+    except redis.exceptions.ResponseError:
+        return "unknown"
+    conf = {_text(k): _text(v) for k, v in conf.items()}
+    if "appendonly" not in conf:
+        return "unknown"
+    if conf["appendonly"] == "yes":
+        return f"aof({conf.get('appendfsync', 'unknown')})"
+    return "rdb" if conf.get("save", "").strip() else "none"
 
 
 def materialize(store: FeatureStore, settings: StoreSettings, bundle_dir: Path, manifest: dict[str, Any]) -> dict:
