@@ -61,23 +61,33 @@ bundle = Entity(
     description="the model bundle whose training snapshot the batch rows come from",
 )
 
-user_events = PushSource(
-    name=PUSH_SOURCE,
-    # Feast wants an offline twin for every push source; events are pushed online only.
-    batch_source=FileSource(
-        name="user_events_log", path=str(REPO / "data" / "user_events.parquet"), timestamp_field=EVENT_TIMESTAMP
-    ),
-)
 
-user_realtime = FeatureView(
-    name=USER_REALTIME,
-    entities=[customer],
-    ttl=timedelta(0),
-    schema=fields("realtime"),
-    source=user_events,
-    online=True,
-    description="the user's recent events, written by POST /events through the push source",
-)
+def default_event_log_dir() -> Path:
+    """Where the event log's hourly parquet files live: RECSERVE_EVENT_LOG_DIR, else data/event_log here."""
+    return Path(os.environ.get("RECSERVE_EVENT_LOG_DIR") or REPO / "data" / "event_log").resolve()
+
+
+def realtime_view(event_log_dir: Path) -> tuple[PushSource, FeatureView]:
+    """The push source, whose offline twin is the event log's directory of hourly files, and its view."""
+    source = PushSource(
+        name=PUSH_SOURCE,
+        # Every pushed row, as pipeline/eventlog.py flushes it (the push schema plus stream_id, replaced_ts_ns).
+        # Feast's file offline store reads a directory as one table, taking every *.parquet file in it.
+        batch_source=FileSource(name="user_events_log", path=str(event_log_dir), timestamp_field=EVENT_TIMESTAMP),
+    )
+    view = FeatureView(
+        name=USER_REALTIME,
+        entities=[customer],
+        ttl=timedelta(0),
+        schema=fields("realtime"),
+        source=source,
+        online=True,
+        description="the user's recent events, written by POST /events through the push source",
+    )
+    return source, view
+
+
+user_events, user_realtime = realtime_view(default_event_log_dir())
 
 
 def _batch_view(name: str, key_entity: Entity, group: str, file: Path) -> FeatureView:
@@ -101,10 +111,12 @@ def batch_views(bundle_dir: Path) -> tuple[FeatureView, FeatureView]:
     )
 
 
-def services(user_view: FeatureView, item_view: FeatureView) -> tuple[FeatureService, FeatureService]:
+def services(
+    user_view: FeatureView, item_view: FeatureView, realtime: FeatureView = user_realtime
+) -> tuple[FeatureService, FeatureService]:
     ingress = FeatureService(
         name=INGRESS_SERVICE,
-        features=[user_view, user_realtime],
+        features=[user_view, realtime],
         description="per request: the user's batch and real-time features",
     )
     blender = FeatureService(
@@ -115,18 +127,20 @@ def services(user_view: FeatureView, item_view: FeatureView) -> tuple[FeatureSer
     return ingress, blender
 
 
-def objects(bundle_dir: Path) -> list[object]:
-    """Everything to apply, with the batch sources over `bundle_dir`."""
+def objects(bundle_dir: Path, event_log_dir: Path | None = None) -> list[object]:
+    """Everything to apply, with the batch sources over `bundle_dir` and the event log's files in
+    `event_log_dir` (default: `default_event_log_dir()`)."""
     user_view, item_view = batch_views(bundle_dir)
+    source, realtime = realtime_view(event_log_dir or default_event_log_dir())
     return [
         customer,
         product,
         bundle,
-        user_events,
-        user_realtime,
+        source,
+        realtime,
         user_view,
         item_view,
-        *services(user_view, item_view),
+        *services(user_view, item_view, realtime),
     ]
 
 

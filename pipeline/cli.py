@@ -119,7 +119,7 @@ def cmd_features_apply(args: argparse.Namespace) -> int:
     path = bundle_mod.resolve(args.bundle, args.artifacts)
     bundle_mod.read_manifest(path)
     settings, store = _store(args)
-    for line in apply(store, path):
+    for line in apply(store, path, settings.event_log_dir):
         print(f"applied {line}")
     print(f"feature store ready: project {settings.project}, registry {settings.registry}, Redis {settings.redis}")
     return 0

@@ -3,7 +3,8 @@
 A push replaces the user's whole row, so a write is read-modify-write. A short per-user lock in Redis makes it
 safe under concurrent writers (several ingress replicas, many clients): no event is lost or counted twice.
 Each push is stamped strictly later than the row it replaces, because Feast's Redis store skips a write whose
-timestamp is not newer than the stored one.
+timestamp is not newer than the stored one. Every row pushed is first appended to the event log
+(pipeline/eventlog.py), so accepted events survive a total loss of Redis's data.
 
 `FeatureStore.push` re-reads the registry on every call (about 20 ms of Python here). The writer resolves the
 push source's feature views once and hands each batch to the same provider write that `push` ends in;
@@ -17,11 +18,12 @@ import datetime as dt
 import random
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import redis
 from feast.infra.provider import get_provider
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
@@ -31,8 +33,18 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from feature_repo import definitions as defs
 from models.errors import FeatureStoreError, InvalidEventError, WriteConflictError
 from models.features import EVENT_TIMESTAMP, USER_KEY
-from models.realtime import EVENT_TYPES, EventRecord, EventType, WindowSettings
-from pipeline.store import REDIS_ERRORS, StoreSettings, read_realtime, unavailable
+from models.realtime import EVENT_TYPES, EventRecord, EventType, Realtime, WindowSettings
+from pipeline.eventlog import EventLog
+from pipeline.store import (
+    REDIS_ERRORS,
+    RELEASE_LOCK,
+    REPLACED_TS_NS,
+    StoreSettings,
+    event_lock_key,
+    fast_retry,
+    read_realtime,
+    unavailable,
+)
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -122,10 +134,9 @@ def _ms(ts: dt.datetime) -> int:
     return int(ts.timestamp() * 1000)
 
 
-_RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
-return 0
-"""
+# What a write does to the locked users' windows: given each user's stored window and its Feast stamp (ns; 0
+# when the store has no row) and the time (ms), the new windows of the users to write; users left out stay.
+Change = Callable[[dict[str, tuple[Realtime, int]], int], dict[str, Realtime]]
 
 
 @dataclass
@@ -142,7 +153,8 @@ class EventWriter:
         self.store_settings = store_settings
         self.settings = settings
         self.client = store_settings.client()
-        self._release = self.client.register_script(_RELEASE)
+        self._release = self.client.register_script(RELEASE_LOCK)
+        self.log = EventLog(store_settings, self.client)
         self._views = [
             fv
             for fv in store.list_feature_views()
@@ -154,9 +166,12 @@ class EventWriter:
                 "run `recserve features apply`"
             )
         self._provider = get_provider(store.config)
-
-    def _lock_key(self, user_id: str) -> str:
-        return f"recserve:{self.store_settings.project}:event-lock:{user_id}"
+        feast_client = self._provider.online_store._get_client(store.config.online_store)
+        if isinstance(feast_client, redis.Redis):
+            # Feast's client keeps redis-py's default retries (up to ~7 s of backoff), longer than a user lock
+            # lives: a push retried after another writer took the lock would carry an older stamp, and Feast
+            # would skip it silently after this write had answered 202. Fail fast instead, then 503.
+            feast_client.set_retry(fast_retry())
 
     @contextmanager
     def _locked(self, users: Sequence[str]) -> Iterator[None]:
@@ -166,7 +181,7 @@ class EventWriter:
         deadline = time.monotonic() + self.settings.lock_wait_ms / 1000
         try:
             for u in sorted(users):
-                key = self._lock_key(u)
+                key = event_lock_key(self.store_settings.project, u)
                 attempt = 0
                 while not self.client.set(key, token, nx=True, px=self.settings.lock_ttl_ms):
                     if time.monotonic() > deadline:
@@ -186,27 +201,50 @@ class EventWriter:
                     self._release(keys=[key], args=[token])
 
     def write(self, events: Sequence[Event]) -> WriteResult:
+        """Append the events to their users' windows. Raises StoreUnavailableError (nothing of the call was
+        stored, though a part may be when the connection broke mid-push) or WriteConflictError; both retryable."""
         by_user: dict[str, list[EventRecord]] = {}
         for e in events:
             assert e.timestamp is not None  # validate_events fills it
             by_user.setdefault(e.user_id, []).append(EventRecord(e.item_id, e.event_type, _ms(e.timestamp)))
-        users = list(by_user)
+        window = self.settings.window
+
+        def append(current: dict[str, tuple[Realtime, int]], now_ms: int) -> dict[str, Realtime]:
+            return {u: stored.merged(by_user[u], now_ms, window) for u, (stored, _) in current.items()}
+
+        self.update(list(by_user), append)
+        return WriteResult(accepted=len(events), users=len(by_user))
+
+    def update(self, users: Sequence[str], change: Change) -> int:
+        """Read-modify-write the users' windows under their locks: log the changed rows, then push them.
+        Returns the rows written. Raises StoreUnavailableError or WriteConflictError, both retryable."""
         try:
             with self._locked(users):
                 current = read_realtime(self.client, self.store_settings.project, users)
                 now = dt.datetime.now(dt.UTC)
-                now_ms = _ms(now)
+                changed = change(current, _ms(now))
                 rows = []
-                for u in users:
-                    window, stored_ns = current[u]
+                for u, window in changed.items():
+                    stored_ns = current[u][1]
                     # Strictly newer than the stored row, or Feast would skip this write.
                     stamp = max(now, dt.datetime.fromtimestamp((stored_ns + 1000) / 1e9, dt.UTC))
-                    merged = window.merged(by_user[u], now_ms, self.settings.window)
-                    rows.append({USER_KEY: u, EVENT_TIMESTAMP: stamp, **merged.columns()})
-                self.push_rows(rows)
+                    rows.append({USER_KEY: u, EVENT_TIMESTAMP: stamp, **window.columns(), REPLACED_TS_NS: stored_ns})
+                if rows:
+                    self._log_and_push(rows)
         except REDIS_ERRORS as exc:
             raise unavailable(self.store_settings, exc) from None
-        return WriteResult(accepted=len(events), users=len(users))
+        return len(rows)
+
+    def _log_and_push(self, rows: list[dict[str, Any]]) -> None:
+        # Log first: a row in the store is always in the log. A failed push takes its entries back (while the
+        # user locks are held, so the flusher has not taken them yet); a 503 then leaves no logged-but-unstored
+        # row, unless Redis is gone for the XDEL too.
+        ids = self.log.append(rows)
+        try:
+            self.push_rows(rows)
+        except BaseException:
+            self.log.discard(ids)
+            raise
 
     def push_rows(self, rows: list[dict[str, Any]]) -> None:
         """What `store.push(PUSH_SOURCE, DataFrame(rows))` stores, without its per-call registry reads."""

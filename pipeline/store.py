@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import redis
 from feast.infra.key_encoding_utils import deserialize_entity_key, serialize_entity_key
 from feast.infra.online_stores.helpers import _mmh3
@@ -54,6 +56,11 @@ REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 ENTITY_KEY_VERSION = 3  # feature_store.yaml's entity_key_serialization_version
 
 
+def fast_retry() -> Retry:
+    # redis-py's default retries back off for about 8 s; a request must fail fast instead.
+    return Retry(ExponentialBackoff(cap=0.05, base=0.005), 2)
+
+
 def _env(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
@@ -76,6 +83,17 @@ class StoreSettings(BaseModel):
     registry: Path = Field(
         default_factory=lambda: Path(_env("RECSERVE_FEAST_REGISTRY", str(defs.REPO / "data" / "registry.db"))),
         description="the local registry file",
+    )
+    event_log_dir: Path = Field(
+        default_factory=defs.default_event_log_dir,
+        description="the event log's hourly parquet files (RECSERVE_EVENT_LOG_DIR): the push source's offline twin",
+    )
+    event_log_flush_s: float = Field(
+        default_factory=lambda: float(_env("RECSERVE_EVENT_LOG_FLUSH_S", "2.0")),
+        gt=0,
+        le=3600,
+        description="seconds between flushes of the event log's Redis stream to its files: at most this much of "
+        "accepted events lives only in Redis, which is what a total loss of Redis's data can lose",
     )
     connect_timeout_s: float = Field(1.0, gt=0, le=30)
     socket_timeout_s: float = Field(2.0, gt=0, le=60)
@@ -105,8 +123,7 @@ class StoreSettings(BaseModel):
             password=params.get("password"),
             socket_connect_timeout=self.connect_timeout_s,
             socket_timeout=self.socket_timeout_s,
-            # redis-py's default retries back off for about 8 s; a request must fail fast instead.
-            retry=Retry(ExponentialBackoff(cap=0.05, base=0.005), 2),
+            retry=fast_retry(),
         )
 
 
@@ -114,8 +131,8 @@ def unavailable(settings: StoreSettings, exc: Exception) -> StoreUnavailableErro
     host, port = settings.host_port
     return StoreUnavailableError(
         f"Redis at {host}:{port} does not answer ({exc}): start one with `deploy/ensure-redis.sh` "
-        f"(it runs `redis-server --port {port} --save '' --daemonize yes`, installing Debian's redis-server if "
-        "needed), or point RECSERVE_REDIS at a running one; then retry"
+        f"(it runs `redis-server --port {port} --appendonly yes --daemonize yes`, installing Debian's redis-server "
+        "if needed), or point RECSERVE_REDIS at a running one; then retry"
     )
 
 
@@ -153,28 +170,43 @@ def open_store(settings: StoreSettings) -> FeatureStore:
     return FeatureStore(repo_path=str(defs.REPO), config=repo_config(settings))
 
 
-def _ensure_event_log() -> None:
-    """The push source's offline twin: an empty parquet of the right schema, so offline reads find a table."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+# The event log's file columns beyond the push schema (pipeline/eventlog.py writes them).
+STREAM_ID = "stream_id"  # the row's Redis stream entry id, "<ms>-<seq>"
+REPLACED_TS_NS = "replaced_ts_ns"  # Feast stamp (ns) of the stored row this one replaced; 0: the store had none
+EVENT_LOG_SCHEMA_FILE = "user_events-schema.parquet"
 
-    path = Path(defs.user_events.batch_source.path)
-    if path.is_file():
-        return
+
+def event_log_schema() -> pa.Schema:
+    """One event log row: the push source's columns (user_id, event_timestamp, the rt_* features), then
+    replaced_ts_ns and stream_id."""
     arrow = {"float32": pa.float32(), "int64": pa.int64(), "string": pa.string()}
     fields = [pa.field(USER_KEY, pa.string()), pa.field(EVENT_TIMESTAMP, pa.timestamp("us", tz="UTC"))]
     for name in REALTIME_FEATURES:
         dtype = BY_NAME[name].dtype
         base = arrow[dtype.removesuffix("_list")]
         fields.append(pa.field(name, pa.list_(base) if dtype.endswith("_list") else base))
+    fields += [pa.field(REPLACED_TS_NS, pa.int64()), pa.field(STREAM_ID, pa.string())]
+    return pa.schema(fields)
+
+
+def ensure_event_log(event_log_dir: Path) -> None:
+    """An empty file of the log's schema in its directory: Feast's file store fails on a directory without one."""
+    path = Path(event_log_dir) / EVENT_LOG_SCHEMA_FILE
+    schema = event_log_schema()
+    if path.is_file() and pq.read_schema(path).equals(schema):
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.schema(fields).empty_table(), path)
+    tmp = path.with_name(f".{path.name}.tmp")  # neither Feast's reader nor pyarrow's takes this name
+    pq.write_table(schema.empty_table(), tmp)
+    os.replace(tmp, path)
 
 
-def apply(store: FeatureStore, bundle_dir: Path) -> list[str]:
-    """Register (or update) every definition, with the batch sources over `bundle_dir`. Idempotent."""
-    _ensure_event_log()
-    objs = defs.objects(Path(bundle_dir).resolve())
+def apply(store: FeatureStore, bundle_dir: Path, event_log_dir: Path | None = None) -> list[str]:
+    """Register (or update) every definition, with the batch sources over `bundle_dir` and the push source's
+    offline twin over `event_log_dir` (default: RECSERVE_EVENT_LOG_DIR or feature_repo/data/event_log). Idempotent."""
+    event_log_dir = Path(event_log_dir or defs.default_event_log_dir()).resolve()
+    ensure_event_log(event_log_dir)
+    objs = defs.objects(Path(bundle_dir).resolve(), event_log_dir)
     store.apply(objs)
     return [f"{type(o).__name__} {o.name}" for o in objs]  # type: ignore[attr-defined]
 
@@ -183,10 +215,43 @@ def marker_key(project: str, version: str) -> str:
     return f"recserve:{project}:materialized:{version}"
 
 
+def event_lock_key(project: str, user_id: str) -> str:
+    """The writer's per-user lock; the event log's flusher reads it too."""
+    return f"recserve:{project}:event-lock:{user_id}"
+
+
+# Compare-and-delete: a lock or lease is released only by the holder whose token it still holds.
+RELEASE_LOCK = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def persistence(client: redis.Redis) -> str:
+    """How this Redis keeps its data across a restart: "aof(<appendfsync>)" (e.g. "aof(everysec)"), "rdb"
+    (snapshots only), "none", or "unknown" where CONFIG GET is refused (managed Redis often disables it).
+
+    Raises redis's ConnectionError or TimeoutError (REDIS_ERRORS) when Redis does not answer."""
+    try:
+        conf = client.config_get("appendonly", "appendfsync", "save")
+    except redis.exceptions.ResponseError:
+        return "unknown"
+    conf = {_text(k): _text(v) for k, v in conf.items()}
+    if "appendonly" not in conf:
+        return "unknown"
+    if conf["appendonly"] == "yes":
+        return f"aof({conf.get('appendfsync', 'unknown')})"
+    return "rdb" if conf.get("save", "").strip() else "none"
+
+
 def materialize(store: FeatureStore, settings: StoreSettings, bundle_dir: Path, manifest: dict[str, Any]) -> dict:
     """Load one bundle's batch features into Redis under its version. Idempotent; other bundles' rows stay."""
     bundle_dir = Path(bundle_dir).resolve()
-    apply(store, bundle_dir)
+    apply(store, bundle_dir, settings.event_log_dir)
     cutoff = pd.Timestamp(manifest["split"]["cutoff"]).tz_localize("UTC")
     # The rows are all stamped with the cutoff: a two-second window around it takes exactly them.
     try:

@@ -32,7 +32,12 @@ def run(bundle_dir: Path, manifest: dict[str, Any], reads: int, events: int, see
     version = str(manifest["version"])
     base = StoreSettings()
     with tempfile.TemporaryDirectory() as tmp:
-        settings = StoreSettings(redis=base.redis, project=f"{base.project}_bench", registry=Path(tmp) / "registry.db")
+        settings = StoreSettings(
+            redis=base.redis,
+            project=f"{base.project}_bench",
+            registry=Path(tmp) / "registry.db",
+            event_log_dir=Path(tmp) / "event_log",
+        )
         store = open_store(settings)
         try:
             return _measure(store, settings, bundle_dir, manifest, version, rng, reads, events)

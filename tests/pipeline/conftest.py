@@ -14,7 +14,11 @@ from pipeline.store import OnlineFeatures, StoreSettings, drop_project, material
 
 def scratch_settings(registry_dir: Path) -> StoreSettings:
     # The project name suffixes every Redis key, so these tests never touch the demo's rows.
-    return StoreSettings(project=f"test_{uuid.uuid4().hex[:12]}", registry=registry_dir / "registry.db")
+    return StoreSettings(
+        project=f"test_{uuid.uuid4().hex[:12]}",
+        registry=registry_dir / "registry.db",
+        event_log_dir=registry_dir / "event_log",
+    )
 
 
 @pytest.fixture(scope="session")
