@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 export OPENBLAS_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv demo train evaluate features serve bench-features bench-serve bench slo-gate test lint redis clean
+.PHONY: venv demo train evaluate features serve bench-features bench-serve bench slo-gate isolation-check test lint redis clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ bench: venv redis
 # CI's SLO gate: each topology under locust at a fixed rate; trains a bundle first when there is none.
 slo-gate: venv redis
 	$(BIN)/python loadtests/gate.py
+
+# CI's isolation check: `make test` beside a running demo; the demo must still answer afterwards.
+isolation-check: venv redis
+	$(BIN)/python loadtests/isolation.py -- $(MAKE) test
 
 bench-features: venv redis
 	$(BIN)/recserve features bench

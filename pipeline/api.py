@@ -29,6 +29,7 @@ from models.errors import (
     WriteConflictError,
 )
 from models.serving import order
+from pipeline.eventlog import EventLog
 from pipeline.events import EventSettings, EventWriter, validate_events
 from pipeline.metrics import NullRecorder
 from pipeline.recovery import StoreWatch
@@ -80,10 +81,13 @@ class Api:
         writer_factory: Callable[[], EventWriter],
         recorder: Any = None,
         watch: StoreWatch | None = None,
+        event_log: EventLog | None = None,
     ) -> None:
-        """`watch`, when given, keeps the store's state current (and restores a lost store) once `start` runs."""
+        """Once `start` runs: `watch` keeps the store's state current (and restores a lost store); `event_log`'s
+        flusher drains accepted events into the hourly files (one replica at a time holds its lease)."""
         self.service = service
         self.watch = watch
+        self.event_log = event_log
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.store_settings = store_settings
@@ -143,9 +147,12 @@ class Api:
         if not self._warmed:
             await self.service.warm()
             self._warmed = True
-        if self.watch is not None and not self._tasks:
+        if not self._tasks:
             self._stop.clear()
-            self._tasks.append(asyncio.create_task(self.watch.run(self._stop)))
+            if self.watch is not None:
+                self._tasks.append(asyncio.create_task(self.watch.run(self._stop)))
+            if self.event_log is not None:
+                self._tasks.append(asyncio.create_task(self.event_log.run_flusher(self._stop)))
 
     async def stop(self) -> None:
         self._stop.set()
@@ -160,6 +167,11 @@ class Api:
             if status.checked_at == 0.0:
                 status = await asyncio.to_thread(self.watch.check)
             detail |= {"feature_store": status.state, "redis": status.detail, "persistence": self.watch.persistence}
+            if self.watch.persistence in ("none", "rdb"):
+                detail["warning"] = (
+                    "this Redis has no append-only persistence: a restart loses accepted events not yet flushed to "
+                    "the event log's files; deploy/ensure-redis.sh starts one with appendonly yes"
+                )
             return status.state == "ok", detail
         try:
             require_redis(self.store_settings)

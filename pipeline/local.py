@@ -28,6 +28,7 @@ from models.errors import ConfigError, RecserveError
 from models.serving import BlendStage, CFStage, ContentStage
 from pipeline.api import Api, build_api
 from pipeline.app import PROJECT_ROOT, AppArgs
+from pipeline.eventlog import EventLog, rebuild_realtime
 from pipeline.events import EventWriter
 from pipeline.metrics import NullRecorder
 from pipeline.recovery import StoreWatch, bundle_materializer
@@ -98,9 +99,16 @@ def make_api(settings: AppArgs, stages: Stages | None = None, recorder: Callable
         # Still serve: item features are the bundle's own (the same values, see test_store), users degrade.
         log.warning("feature store not usable at start (%s); serving bundle features until it is", exc)
         features = OnlineFeatures(store, core.version, core.snapshot.item_ids, core.snapshot.item_matrix)
+    event_log = EventLog(store)
     watch = None
     if settings.watch_store:
-        watch = StoreWatch(store, core.version, bundle_materializer(store, bundle))
+        # After a total loss: event windows back from the log first, then the batch rows (whose marker ends it).
+        watch = StoreWatch(
+            store,
+            core.version,
+            bundle_materializer(store, bundle),
+            rebuild_events=lambda: rebuild_realtime(EventLog(store), api.writer()),
+        )
     service = RecommendService(
         core, features, stages, settings.knobs, rec, store_state=(lambda: watch.status.state) if watch else None
     )
@@ -108,7 +116,7 @@ def make_api(settings: AppArgs, stages: Stages | None = None, recorder: Callable
     def writer() -> EventWriter:
         return EventWriter(open_store(store), store, settings.events)
 
-    api = Api(service, store, settings.events, writer, rec, watch)
+    api = Api(service, store, settings.events, writer, rec, watch, event_log)
     try:
         api.writer()  # now, not inside the first POST /events (opening Feast's registry takes ~0.7 s)
     except RecserveError as exc:

@@ -26,7 +26,7 @@ from typing import Literal
 import redis
 
 from models import bundle as bundle_mod
-from pipeline.store import REDIS_ERRORS, StoreSettings, marker_key, materialize, open_store
+from pipeline.store import REDIS_ERRORS, StoreSettings, marker_key, materialize, open_store, persistence
 
 log = logging.getLogger("recserve")
 
@@ -71,6 +71,8 @@ class StoreWatch:
         self._release = self.client.register_script(_RELEASE)
         self.status = StoreStatus("ok", "not checked yet", 0.0)
         self.recoveries = 0
+        # How Redis keeps its data across a restart (pipeline.store.persistence); "none" means a restart loses the
+        # batch rows (recovered here) and the unflushed part of the event log.
         self.persistence = "unknown"
 
     @property
@@ -87,6 +89,9 @@ class StoreWatch:
             self.status = StoreStatus("unreachable", f"Redis at {host}:{port} does not answer ({exc})", now)
             return self.status
         if present:
+            if self.status.state != "ok" or self.persistence == "unknown":
+                with contextlib.suppress(*REDIS_ERRORS):
+                    self.persistence = persistence(self.client)
             self.status = StoreStatus("ok", f"bundle {self.version}'s rows are in Redis at {host}:{port}", now)
         else:
             self.status = StoreStatus(

@@ -114,7 +114,7 @@ class ServeSettings(BaseModel):
             # another replica instead of failing it (measured: 1 failure in 1,250 without, 0 with). Every route is
             # safe to replay except POST /events, whose replay after a write that landed counts the event twice;
             # that needs a process death between the Redis write and the reply.
-            "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+            "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response",
             # A replica being replaced stops taking new requests; 5 s covers HAProxy's reload (~0.1-1 s here)
             # where Serve's default of 30 s made every redeploy and shutdown wait half a minute.
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
@@ -269,7 +269,8 @@ def serve(config: Path, timeout_s: float, num_cpus: int | None, tuned: bool = Tr
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         base = f"http://127.0.0.1:{http_port}"
-        ready = _wait_ready(proc, config, base, timeout_s, began, stopping)
+        stats = settings.haproxy_stats_port if tuned else None
+        ready = _wait_ready(proc, config, base, timeout_s, began, stopping, stats)
         if ready is not None:
             detail = json.loads(ready) if ready.startswith("{") else {}
             front = f"HAProxy over {ingress_replicas_up(settings.haproxy_stats_port)} ingress replicas" if tuned else ""
@@ -299,17 +300,26 @@ def serve(config: Path, timeout_s: float, num_cpus: int | None, tuned: bool = Tr
 
 
 def _wait_ready(
-    proc: subprocess.Popen, config: Path, base: str, timeout_s: float, began: float, stopping: dict[str, bool]
+    proc: subprocess.Popen,
+    config: Path,
+    base: str,
+    timeout_s: float,
+    began: float,
+    stopping: dict[str, bool],
+    stats_port: int | None,
 ) -> str | None:
-    """Block until /readyz answers through the client URL; its body, or None when asked to stop first. A replica
-    warms every path before Serve counts it as running, so HAProxy only ever routes to warm replicas."""
+    """Block until /readyz answers through the client URL (and, with HAProxy, until HAProxy counts a replica UP);
+    its body, or None when asked to stop first. A replica warms every path before Serve counts it as running, so
+    HAProxy only ever routes to warm replicas."""
     while not stopping["flag"]:
         if proc.poll() is not None:
             raise RecserveError(f"`serve run {config}` exited with {proc.returncode} before the app was ready")
         if time.monotonic() - began > timeout_s:
             raise RecserveError(f"the app was not up after {timeout_s:.0f} s: see the log above")
         code, body = http_get(f"{base}/readyz", 10.0)
-        if code in (200, 503) and body.startswith("{"):  # 503 with a body: up, the feature store is not ready
+        balanced = stats_port is None or ingress_replicas_up(stats_port) > 0
+        # A 503 with a body is up: the feature store is not ready (yet), which /readyz names.
+        if balanced and code in (200, 503) and body.startswith("{"):
             return body
         time.sleep(0.5)
     return None

@@ -53,7 +53,7 @@ def open_loop(
                     degraded = r.status_code == 200 and bool(r.json().get("degraded"))
                     out = Outcome(due, r.status_code, 0.0, r.headers.get("retry-after"), degraded, r.text[:120])
                 except httpx.HTTPError as exc:
-                    out = Outcome(due, 0, 0.0, None, False, type(exc).__name__)
+                    out = Outcome(due, 0, 0.0, None, False, f"{type(exc).__name__}: {exc}")
                 ms = (time.perf_counter() - t) * 1000
                 run.outcomes.append(Outcome(out.sent_at, out.status, ms, out.retry_after, out.degraded, out.error))
 
