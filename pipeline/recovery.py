@@ -26,15 +26,11 @@ from typing import Literal
 import redis
 
 from models import bundle as bundle_mod
-from pipeline.store import REDIS_ERRORS, StoreSettings, marker_key, materialize, open_store, persistence
+from pipeline.store import REDIS_ERRORS, RELEASE_LOCK, StoreSettings, marker_key, materialize, open_store, persistence
 
 log = logging.getLogger("recserve")
 
 StoreState = Literal["ok", "unreachable", "empty"]
-_RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
-return 0
-"""
 
 
 @dataclass(frozen=True)
@@ -68,7 +64,7 @@ class StoreWatch:
         self._materialize = materialize
         self._rebuild_events = rebuild_events
         self.client = client or settings.client()
-        self._release = self.client.register_script(_RELEASE)
+        self._release = self.client.register_script(RELEASE_LOCK)
         self.status = StoreStatus("ok", "not checked yet", 0.0)
         self.recoveries = 0
         # How Redis keeps its data across a restart (pipeline.store.persistence); "none" means a restart loses the

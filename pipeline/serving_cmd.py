@@ -220,6 +220,37 @@ class RayHead:
                 os.kill(pid, signal.SIGKILL)
 
 
+_STATUS = """
+import sys, ray
+from ray import serve
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False, include_dashboard=False)
+app = serve.status().applications.get(sys.argv[2])
+ingress = app.deployments.get("Ingress") if app else None
+running = ingress.replica_states.get("RUNNING", 0) if ingress else 0
+print(getattr(app.status, "value", app.status) if app else "NOT_DEPLOYED", running)
+"""
+
+
+def app_status(address: str, env: dict[str, str], app: str = "recserve") -> tuple[str, int]:
+    """Serve's status of the app (RUNNING once every replica of every deployment is up) and its running ingress
+    replicas, from `serve.status()` in a short-lived driver: `serve status` needs the dashboard, which this Ray runs
+    without. ("UNKNOWN", 0) on failure."""
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _STATUS, address, app],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        return "UNKNOWN", 0
+    words = (out.stdout.strip().splitlines() or [""])[-1].split()
+    if out.returncode != 0 or len(words) != 2 or not words[1].isdigit():
+        return "UNKNOWN", 0
+    return words[0], int(words[1])
+
+
 def ingress_replicas_up(stats_port: int) -> int:
     """How many ingress replicas HAProxy counts as UP, from its stats page (0 when it does not answer)."""
     code, text = http_get(f"http://127.0.0.1:{stats_port}/stats;csv", 2.0)
@@ -270,7 +301,7 @@ def serve(config: Path, timeout_s: float, num_cpus: int | None, tuned: bool = Tr
         )
         base = f"http://127.0.0.1:{http_port}"
         stats = settings.haproxy_stats_port if tuned else None
-        ready = _wait_ready(proc, config, base, timeout_s, began, stopping, stats)
+        ready = _wait_ready(proc, config, base, timeout_s, began, stopping, stats, address, env)
         if ready is not None:
             detail = json.loads(ready) if ready.startswith("{") else {}
             front = f"HAProxy over {ingress_replicas_up(settings.haproxy_stats_port)} ingress replicas" if tuned else ""
@@ -307,19 +338,23 @@ def _wait_ready(
     began: float,
     stopping: dict[str, bool],
     stats_port: int | None,
+    address: str,
+    env: dict[str, str],
 ) -> str | None:
-    """Block until /readyz answers through the client URL (and, with HAProxy, until HAProxy counts a replica UP);
-    its body, or None when asked to stop first. A replica warms every path before Serve counts it as running, so
-    HAProxy only ever routes to warm replicas."""
+    """Block until /readyz answers through the client URL, Serve reports every replica up and, with HAProxy, HAProxy
+    counts every ingress replica UP; /readyz's body, or None when asked to stop first. A replica warms every path
+    before Serve counts it as running, so HAProxy only ever routes to warm replicas."""
     while not stopping["flag"]:
         if proc.poll() is not None:
             raise RecserveError(f"`serve run {config}` exited with {proc.returncode} before the app was ready")
         if time.monotonic() - began > timeout_s:
             raise RecserveError(f"the app was not up after {timeout_s:.0f} s: see the log above")
         code, body = http_get(f"{base}/readyz", 10.0)
-        balanced = stats_port is None or ingress_replicas_up(stats_port) > 0
         # A 503 with a body is up: the feature store is not ready (yet), which /readyz names.
-        if balanced and code in (200, 503) and body.startswith("{"):
-            return body
+        if code in (200, 503) and body.startswith("{"):
+            status, replicas = app_status(address, env)
+            balanced = stats_port is None or ingress_replicas_up(stats_port) >= max(replicas, 1)
+            if status == "RUNNING" and balanced:
+                return body
         time.sleep(0.5)
     return None
