@@ -49,11 +49,12 @@ def main() -> int:
         if code != 200:
             print(f"isolation: the demo at {url} does not answer /recommend ({code}): {before}", flush=True)
             return 1
-        print(f"isolation: demo up at {url} (bundle {before['model_version']}); running {' '.join(command)}", flush=True)
+        version = before["model_version"]
+        print(f"isolation: demo up at {url} (bundle {version}); running {' '.join(command)}", flush=True)
         rc = subprocess.run(command, cwd=ROOT).returncode
         ready, _ = http_get(f"{url}/readyz", 10)
         code, after = recommend(url)
-        survived = ready == 200 and code == 200 and after.get("model_version") == before["model_version"]
+        survived = ready == 200 and code == 200 and after.get("model_version") == version
         print(
             f"isolation: the command exited {rc}; afterwards the demo answered /readyz {ready} and /recommend {code} "
             f"(bundle {after.get('model_version')}): {'it survived' if survived else 'IT DID NOT SURVIVE'}",

@@ -1,6 +1,6 @@
 """recserve's locust suite: realistic traffic at a fixed rate, with a p99 SLO gate.
 
-    locust -f loadtests/locustfile.py --headless --host http://127.0.0.1:30000 -u 20 -r 20 --run-time 60s \
+    locust -f loadtests/locustfile.py --headless --host http://127.0.0.1:8000 -u 20 -r 20 --run-time 60s \
         --rate-per-user 1 --p99-ms 100 --csv reports/colocated --html reports/colocated.html
 
 Traffic, from the bundle's data: about 85% POST /recommend for holdout users (10% of them unknown users), about

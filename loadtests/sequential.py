@@ -1,6 +1,6 @@
 """Sequential latency of POST /recommend through a running recserve, as a client sees it.
 
-    python loadtests/sequential.py --url http://127.0.0.1:30000 [--n 1000] [--bundle DIR]
+    python loadtests/sequential.py --url http://127.0.0.1:8000 [--n 1000] [--bundle DIR]
 
 Users are the bundle's holdout users (bought before and after the cutoff), with 10% ids the bundle never saw.
 Prints the client's p50/p95/p99, errors, degraded answers and the per-stage medians the service reports.
@@ -24,7 +24,7 @@ from loadtests import traffic
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--url", default="http://127.0.0.1:30000")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--bundle", type=Path, help="default: the one artifacts/LATEST names")
     p.add_argument("--seed", type=int, default=0)

@@ -12,6 +12,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import numpy as np
@@ -292,10 +293,16 @@ class _TooLarge(Exception):
     pass
 
 
-def build_api(get: Callable[[], Api], max_body_bytes: int = 1_000_000, set_request_id: bool = True) -> FastAPI:
+def build_api(
+    get: Callable[[], Api],
+    max_body_bytes: int = 1_000_000,
+    set_request_id: bool = True,
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
+) -> FastAPI:
     """`set_request_id=False` behind Ray Serve: its proxy already echoes the caller's X-Request-ID (or makes one)
     on every response, and passes it in, so the body's request_id matches the header."""
     app = FastAPI(
+        lifespan=lifespan,
         title="recserve",
         version="1",
         description="Ensemble recommendations (implicit ALS, MiniLM content, LightGBM LambdaRank) over Feast on Redis.",

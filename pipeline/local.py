@@ -13,12 +13,13 @@ import logging
 import os
 import resource
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
+from fastapi import FastAPI
 
 from models.blender import Blender as BlenderModel
 from models.bundle import load_core, verified
@@ -153,7 +154,14 @@ def main() -> int:
     except RecserveError as exc:
         print(f"pipeline.local: error: {exc}", file=sys.stderr)
         return 2
-    app = build_api(lambda: api)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await api.start()  # warm-up, store watch and event-log flusher, as each Ray ingress replica runs them
+        yield
+        await api.stop()
+
+    app = build_api(lambda: api, lifespan=lifespan)
     freeze_heap()
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
