@@ -62,9 +62,11 @@ bundle = Entity(
 )
 
 
-def default_event_log_dir() -> Path:
-    """Where the event log's hourly parquet files live: RECSERVE_EVENT_LOG_DIR, else data/event_log here."""
-    return Path(os.environ.get("RECSERVE_EVENT_LOG_DIR") or REPO / "data" / "event_log").resolve()
+def default_event_log_dir(project: str | None = None) -> Path:
+    """Where the event log's hourly parquet files live: RECSERVE_EVENT_LOG_DIR, else data/event_log/<project> here
+    (one folder per Feast project, as Redis keys are, so a scratch project never writes into another's files)."""
+    project = project or os.environ.get("RECSERVE_FEAST_PROJECT") or "recserve"
+    return Path(os.environ.get("RECSERVE_EVENT_LOG_DIR") or REPO / "data" / "event_log" / project).resolve()
 
 
 def realtime_view(event_log_dir: Path) -> tuple[PushSource, FeatureView]:

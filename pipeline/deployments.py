@@ -28,9 +28,10 @@ from pipeline.service import Knobs
 @serve.deployment(max_ongoing_requests=64)
 class CollaborativeFilter:
     def __init__(self, bundle: str) -> None:
-        limit_threads()
-        path, _, settings = verified(Path(bundle))
-        self.stage = CFStage(ALSModel.load(path, settings.cf), device=pick_device())
+        with low_priority():  # a (re)starting replica leaves the CPU to the ones serving
+            limit_threads()
+            path, _, settings = verified(Path(bundle))
+            self.stage = CFStage(ALSModel.load(path, settings.cf), device=pick_device())
         freeze_heap()
 
     async def retrieve(self, q: CFQuery) -> SourceList:
@@ -40,10 +41,11 @@ class CollaborativeFilter:
 @serve.deployment(max_ongoing_requests=64)
 class ContentModel:
     def __init__(self, bundle: str) -> None:
-        limit_threads()
-        path, _, _ = verified(Path(bundle))
-        device = pick_device()
-        self.stage = ContentStage(ContentModelClass.load(path, device=device)).warm()
+        with low_priority():
+            limit_threads()
+            path, _, _ = verified(Path(bundle))
+            device = pick_device()
+            self.stage = ContentStage(ContentModelClass.load(path, device=device)).warm()
         # On a GPU, queries from concurrent requests are encoded as one batch; on a CPU, batching only adds wait.
         self.batch_queries = device != "cpu"
         freeze_heap()
@@ -66,9 +68,10 @@ class ContentModel:
 @serve.deployment(max_ongoing_requests=64)
 class Blender:
     def __init__(self, bundle: str) -> None:
-        limit_threads()
-        path, _, _ = verified(Path(bundle))
-        self.stage = BlendStage(BlenderModel.load(path, num_threads=1))
+        with low_priority():
+            limit_threads()
+            path, _, _ = verified(Path(bundle))
+            self.stage = BlendStage(BlenderModel.load(path, num_threads=1))
         freeze_heap()
 
     async def score(self, x: np.ndarray) -> np.ndarray:

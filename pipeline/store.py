@@ -26,7 +26,7 @@ from feast.infra.online_stores.helpers import _mmh3
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from google.protobuf.timestamp_pb2 import Timestamp
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -85,8 +85,9 @@ class StoreSettings(BaseModel):
         description="the local registry file",
     )
     event_log_dir: Path = Field(
-        default_factory=defs.default_event_log_dir,
-        description="the event log's hourly parquet files (RECSERVE_EVENT_LOG_DIR): the push source's offline twin",
+        None,  # type: ignore[assignment]  # filled per project by _per_project_log
+        description="the event log's hourly parquet files (RECSERVE_EVENT_LOG_DIR, else feature_repo/data/event_log/"
+        "<project>): the push source's offline twin",
     )
     event_log_flush_s: float = Field(
         default_factory=lambda: float(_env("RECSERVE_EVENT_LOG_FLUSH_S", "2.0")),
@@ -97,6 +98,14 @@ class StoreSettings(BaseModel):
     )
     connect_timeout_s: float = Field(1.0, gt=0, le=30)
     socket_timeout_s: float = Field(2.0, gt=0, le=60)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _per_project_log(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("event_log_dir") is None:
+            project = data.get("project") or _env("RECSERVE_FEAST_PROJECT", "recserve")
+            data = {**data, "event_log_dir": defs.default_event_log_dir(project)}
+        return data
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -204,7 +213,7 @@ def ensure_event_log(event_log_dir: Path) -> None:
 def apply(store: FeatureStore, bundle_dir: Path, event_log_dir: Path | None = None) -> list[str]:
     """Register (or update) every definition, with the batch sources over `bundle_dir` and the push source's
     offline twin over `event_log_dir` (default: RECSERVE_EVENT_LOG_DIR or feature_repo/data/event_log). Idempotent."""
-    event_log_dir = Path(event_log_dir or defs.default_event_log_dir()).resolve()
+    event_log_dir = Path(event_log_dir or defs.default_event_log_dir(store.config.project)).resolve()
     ensure_event_log(event_log_dir)
     objs = defs.objects(Path(bundle_dir).resolve(), event_log_dir)
     store.apply(objs)

@@ -66,6 +66,7 @@ def app(request, small_bundle, slice_online, store_settings, tmp_path_factory):
         "redis": store_settings.redis,
         "project": store_settings.project,
         "registry": str(store_settings.registry),
+        "event_log_dir": str(store_settings.event_log_dir),
     }
     path = tmp / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -282,11 +283,12 @@ def test_with_no_ingress_replica_the_endpoint_answers_503_with_retry_after(app, 
         pytest.skip("the colocated app's replicas are the drill's target")
     wait_for(lambda: ingress_replicas_up(SETTINGS.haproxy_stats_port) >= 2, 180, "two ingress replicas UP")
     users = _users(small_bundle)
+    live = replicas("Ingress")
     began = time.monotonic()
     thread, run = open_loop(app.url, 10, 60, lambda i: {"user_id": users[i % len(users)], "k": 10})
     time.sleep(5)
     killed_at = time.monotonic() - began
-    for r in replicas("Ingress"):
+    for r in live:
         os.kill(r["pid"], signal.SIGKILL)
     thread.join(120)
     after = [o for o in run.outcomes if o.sent_at >= killed_at]
