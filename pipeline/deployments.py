@@ -20,8 +20,9 @@ from models.content import ContentModel as ContentModelClass
 from models.content import pick_device
 from models.serving import BlendStage, CFQuery, CFStage, ContentQuery, ContentStage, SourceList
 from pipeline.api import Api, build_api
-from pipeline.local import freeze_heap, limit_threads, low_priority, make_api
+from pipeline.local import freeze_heap, limit_threads, make_api
 from pipeline.metrics import RayRecorder
+from pipeline.priority import low_priority
 from pipeline.service import Knobs
 
 

@@ -7,14 +7,12 @@ under plain uvicorn without Ray: the in-process floor that loadtests/bench.py me
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import logging
 import os
-import resource
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,30 +43,6 @@ def limit_threads() -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("RECSERVE_TORCH_THREADS", "1")))
-
-
-@contextmanager
-def low_priority(niceness: int = 10) -> Iterator[None]:
-    """Run the block at a lower CPU priority: a replica that starts (or restarts) while others serve on the same
-    node loads its models without taking their CPU (a restart on 2 cores stalled the surviving replica for about a
-    second). Only where the priority can be raised back afterwards (root, or RLIMIT_NICE allows it); elsewhere the
-    block runs as it is. Linux keeps a priority per thread, so every thread of the process is set."""
-    current = os.getpriority(os.PRIO_PROCESS, 0)
-    soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
-    if os.geteuid() != 0 and 20 - soft > current:
-        yield
-        return
-
-    def set_all(value: int) -> None:
-        for tid in os.listdir("/proc/self/task"):
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, int(tid), value)
-
-    set_all(min(current + niceness, 19))
-    try:
-        yield
-    finally:
-        set_all(current)
 
 
 def freeze_heap() -> None:

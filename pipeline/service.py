@@ -51,6 +51,12 @@ class Knobs(BaseModel):
     n_popular: int | None = Field(None, ge=1, le=1000)
     session_events: int = Field(20, ge=0, le=1000, description="recent events that steer CF and content")
     feature_store_retry_s: float = Field(1.0, ge=0, description="after a Redis failure, serve from the bundle")
+    breaker_failures: int = Field(
+        3, ge=1, le=1000, description="a stage that fails or misses its deadline this many times in a row is skipped"
+    )
+    breaker_open_s: float = Field(
+        1.0, ge=0, le=600, description="for this long; then one request tries it again (a circuit breaker)"
+    )
     max_in_flight: int = Field(
         32, ge=1, le=100_000, description="past this many requests in the replica, answer 503 + Retry-After at once"
     )
@@ -182,6 +188,11 @@ class RecommendService:
         self.descriptions = core.snapshot.descriptions
         self.item_index = core.snapshot.item_index
         self._store_down_until = 0.0
+        # Per stage: consecutive failures, and until when it is skipped. A model replica that died leaves calls
+        # hanging to the deadline (about 60 ms each in the distributed app) until Ray replaces it, ~25 s here;
+        # skipped, the ladder answers at once.
+        self._failures: dict[str, int] = {}
+        self._open_until: dict[str, float] = {}
         self.reconfigure(knobs)
 
     def reconfigure(self, knobs: Knobs) -> None:
@@ -226,6 +237,21 @@ class RecommendService:
             if i is not None:
                 seen[i] = seen.get(i, True) and e.event_type == "view"
         return np.fromiter(seen, dtype=np.int64, count=len(seen)), {i for i, v in seen.items() if v}
+
+    async def _guarded(self, stage: str, call: Callable[[], Awaitable[T]], until: float) -> tuple[T | None, str | None]:
+        """`_within` behind a circuit breaker: "unavailable" without a call while the stage is skipped."""
+        now = time.monotonic()
+        if now < self._open_until.get(stage, 0.0):
+            return None, "unavailable"
+        out, err = await self._within(call(), until)
+        if err is None:
+            self._failures[stage] = 0
+        else:
+            self._failures[stage] = self._failures.get(stage, 0) + 1
+            if self._failures[stage] >= self.knobs.breaker_failures:
+                self._failures[stage] = 0
+                self._open_until[stage] = time.monotonic() + self.knobs.breaker_open_s
+        return out, err
 
     async def _within(self, call: Awaitable[T], until: float) -> tuple[T | None, str | None]:
         """The call's result by `until` (monotonic s), or why not. The deadline is hard: a late call is cancelled
@@ -282,13 +308,13 @@ class RecommendService:
         until = started + deadline * self.knobs.retrieval_share
         stage_started = time.monotonic()
 
-        async def timed(name: str, call: Awaitable[SourceList]) -> tuple[SourceList | None, str | None]:
-            out = await self._within(call, until)
+        async def timed(name: str, call: Callable[[], Awaitable[SourceList]]) -> tuple[SourceList | None, str | None]:
+            out = await self._guarded(name, call, until)
             lap(name, stage_started)
             return out
 
         (cf, cf_err), (ct, ct_err) = await asyncio.gather(
-            timed("cf", self.stages.cf(cf_q)), timed("content", self.stages.content(ct_q))
+            timed("cf", lambda: self.stages.cf(cf_q)), timed("content", lambda: self.stages.content(ct_q))
         )
         reasons += [f"{name}_{err}" for name, err in (("cf", cf_err), ("content", ct_err)) if err]
         t = time.monotonic()
@@ -307,7 +333,9 @@ class RecommendService:
 
         times_c, last_c = self.snapshot.ui_features(u, cands.items)
         x = assemble(cands, user.numeric, self.features.item_matrix, times_c, last_c)
-        scores, blend_err = await self._within(self.stages.blend(x), started + deadline * self.knobs.blend_share)
+        scores, blend_err = await self._guarded(
+            "blend", lambda: self.stages.blend(x), started + deadline * self.knobs.blend_share
+        )
         t = lap("blend", t)
         if blend_err:
             reasons.append(f"blend_{blend_err}")

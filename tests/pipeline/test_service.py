@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import numpy as np
@@ -247,3 +248,15 @@ def test_past_the_in_flight_limit_requests_are_shed_with_retry_after_and_service
     assert shed.headers["x-request-id"] == shed.json()["request_id"]
     svc.reconfigure(Knobs(max_in_flight=2))
     assert call(client, "POST", "/recommend", json=body).status_code == 200  # nothing stays counted
+
+
+def test_a_failing_stage_is_skipped_after_three_failures_then_tried_again(core, slice_online, stages):
+    s = service(core, slice_online, stages, chaos=Chaos(stage="cf", mode="error"), breaker_open_s=0.3)
+    reasons = [run(s.recommend(Query(f"breaker-{n}", k=5))).fallback_reason for n in range(4)]
+    assert reasons[:3] == ["cf_error"] * 3 and reasons[3] == "cf_unavailable"  # open: no call at all
+    time.sleep(0.35)
+    assert run(s.recommend(Query("breaker-again", k=5))).fallback_reason == "cf_error"  # half-open: one try
+    s.reconfigure(s.knobs.model_copy(update={"chaos": None}))
+    time.sleep(0.35)
+    r = run(s.recommend(Query("breaker-healed", k=5)))
+    assert not r.degraded and len(r.items) == 5
