@@ -240,6 +240,15 @@ def _users(small_bundle) -> list[str]:
     return [*known, *(f"drill-new-{n}" for n in range(20))]
 
 
+def _report(line: str) -> None:
+    """Print a drill's figures and keep them in reports/drills.log, since pytest shows no output of a passing test."""
+    print(line)
+    path = ROOT / "reports" / "drills.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as out:
+        out.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+
+
 def _summary(run) -> str:
     codes: dict[str, int] = {}
     for o in run.outcomes:
@@ -269,13 +278,13 @@ def test_killing_an_ingress_replica_under_load_fails_no_request(app, small_bundl
     killed_at = time.monotonic() - began
     os.kill(live[0]["pid"], signal.SIGKILL)
     thread.join(90)
-    print(f"ingress replica {live[0]['pid']} killed at t={killed_at:.1f} s under 40 req/s: {_summary(run)}")
+    _report(f"ingress replica {live[0]['pid']} killed at t={killed_at:.1f} s under 40 req/s: {_summary(run)}")
     assert len(run.outcomes) == 800
     failed = run.failed()
     # The bar is zero; what remains is at most the one request HAProxy drops at the kill (see _at_the_kill).
     assert len(failed) <= 1 and all(_at_the_kill(o, killed_at) for o in failed), failed[:5]
     back = wait_for(lambda: ingress_replicas_up(SETTINGS.haproxy_stats_port) >= 2, 180, "the replica back in HAProxy")
-    print(f"Ray restarted it; HAProxy had two replicas UP again {back:.0f} s after the load ended")
+    _report(f"Ray restarted it; HAProxy had two replicas UP again {back:.0f} s after the load ended")
 
 
 def test_with_no_ingress_replica_the_endpoint_answers_503_with_retry_after(app, small_bundle):
@@ -303,8 +312,9 @@ def test_with_no_ingress_replica_the_endpoint_answers_503_with_retry_after(app, 
     # Requests in flight in the second of the kill may end as HAProxy's dropped connection or its 500 (its 502, 503
     # and 504 are rewritten to 500 by Ray's config) once every retry found a dead replica.
     in_flight = [o for o in outage if o.status in (0, 500) and killed_at - 0.5 <= o.sent_at <= killed_at + 1.0]
-    other = [o for o in outage if o.status not in (503, 408) and o not in in_flight]
-    print(
+    # A request the proxy held until a replica came back may still be answered (200).
+    other = [o for o in outage if o.status not in (200, 503, 408) and o not in in_flight]
+    _report(
         f"every ingress replica killed at t={killed_at:.1f} s: {_summary(run)}; while none was up: {counts}, "
         f"{len(in_flight)} in flight at the kill lost; "
         f"answers again from t={back} s ({(back or float('nan')) - killed_at:.0f} s without a replica)"
@@ -327,7 +337,7 @@ def test_killing_a_model_replica_costs_no_failure_and_no_late_answer(app, small_
     os.kill(live[0]["pid"], signal.SIGKILL)
     thread.join(90)
     degraded = sum(o.degraded for o in run.outcomes)
-    print(f"CF replica {live[0]['pid']} killed under 20 req/s: {_summary(run)}")
+    _report(f"CF replica {live[0]['pid']} killed under 20 req/s: {_summary(run)}")
     assert len(run.outcomes) == 600 and not run.failed(), run.failed()[:5]
     assert run.p99_ms() <= deadline_ms + 20
     assert degraded > 0  # the ladder answered without CF while Ray replaced it
