@@ -82,7 +82,7 @@ def make_api(settings: AppArgs, stages: Stages | None = None, recorder: Callable
             store,
             core.version,
             bundle_materializer(store, bundle),
-            rebuild_events=lambda: rebuild_realtime(EventLog(store), api.writer()),
+            rebuild_events=lambda: rebuild_realtime(event_log, api.writer()),
         )
     service = RecommendService(
         core, features, stages, settings.knobs, rec, store_state=(lambda: watch.status.state) if watch else None
