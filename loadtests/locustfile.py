@@ -3,7 +3,8 @@
     locust -f loadtests/locustfile.py --headless --host http://127.0.0.1:8000 -u 20 -r 20 --run-time 60s \
         --rate-per-user 1 --p99-ms 100 --csv reports/colocated --html reports/colocated.html
 
-Traffic, from the bundle's data: about 85% POST /recommend for holdout users (10% of them unknown users), about
+Traffic, from the bundle's data: about 85% POST /recommend for holdout users (10% of them unknown users, 5% of the calls
+with a product query from traffic.QUERIES), about
 10% POST /events with plausible events for users in flight, about 5% GET /items/{id}/similar.
 
 Arrivals are open loop: each simulated user keeps its own schedule at --rate-per-user requests a second, whatever
@@ -122,7 +123,10 @@ class Shopper(FastHttpUser):
     @task(85)
     def recommend(self) -> None:
         user = self._user()
-        body = self._call("POST", "/recommend", "/recommend", 200, json={"user_id": user, "k": 10})
+        request: dict[str, Any] = {"user_id": user, "k": 10}
+        if self.rng.random() < traffic_data.QUERY_SHARE:
+            request["query"] = self.rng.choice(traffic_data.QUERIES)
+        body = self._call("POST", "/recommend", "/recommend", 200, json=request)
         if body is None:
             return
         state["recommends"] += 1

@@ -7,7 +7,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from training.queries import PRODUCT_QUERIES
+
 ROOT = Path(__file__).resolve().parents[1]
+QUERIES = PRODUCT_QUERIES
+QUERY_SHARE = 0.05  # of /recommend calls
 
 
 def default_bundle() -> Path:

@@ -13,14 +13,13 @@ from typing import Any
 
 import pandas as pd
 
-from models.blender import BLENDER_FILE, Blender
-from models.cf import CF_FILE, ALSModel
-from models.content import EMBEDDINGS_FILE, ContentModel
+from models.blender import BLENDER_FILE
+from models.cf import CF_FILE
+from models.content import EMBEDDINGS_FILE
 from models.data import sha256_file
 from models.errors import BundleIntegrityError, BundleNotFoundError, ConfigError, SchemaMismatchError
 from models.features import schema
 from models.popularity import POPULARITY_FILE, Popularity
-from models.recommender import Recommender
 from models.settings import TrainSettings
 from models.snapshot import CATALOG_FILE, INTERACTIONS_FILE, ITEM_FEATURES_FILE, USER_FEATURES_FILE, Snapshot
 
@@ -102,38 +101,6 @@ def verify(directory: Path, manifest: dict[str, Any]) -> None:
             f"bundle {directory} was built for feature schema {str(recorded)[:12]}… but this code computes "
             f"{current[:12]}…: retrain the bundle with this version"
         )
-
-
-@dataclass
-class Bundle:
-    path: Path
-    manifest: dict[str, Any]
-    settings: TrainSettings
-    recommender: Recommender
-
-    @property
-    def version(self) -> str:
-        return str(self.manifest["version"])
-
-    @property
-    def cutoff(self) -> pd.Timestamp:
-        return pd.Timestamp(self.manifest["split"]["cutoff"])
-
-
-def load(directory: Path, device: str = "cpu", blender_threads: int = 1) -> Bundle:
-    directory, manifest, settings = verified(directory)
-    cutoff = pd.Timestamp(manifest["split"]["cutoff"])
-    snapshot = Snapshot.load(directory, cutoff, settings.candidates.history_half_life_days)
-    recommender = Recommender(
-        snapshot=snapshot,
-        cf=ALSModel.load(directory, settings.cf),
-        content=ContentModel.load(directory, device=device),
-        blender=Blender.load(directory, num_threads=blender_threads),
-        candidates=settings.candidates,
-        profile_items=settings.content.profile_items,
-        popularity=Popularity.load(directory, snapshot.item_ids),
-    )
-    return Bundle(path=directory, manifest=manifest, settings=settings, recommender=recommender)
 
 
 def resolve(bundle: Path | None, artifacts: Path) -> Path:

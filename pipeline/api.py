@@ -15,11 +15,13 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from chain.recommend import Chain
+from chain.types import Item, Recommendation
+from chain.types import Query as ChainQuery
 from models.errors import (
     ConfigError,
     FeatureStoreError,
@@ -29,7 +31,6 @@ from models.errors import (
     StoreUnavailableError,
     WriteConflictError,
 )
-from models.serving import order
 from pipeline.eventlog import EventLog
 from pipeline.events import EventSettings, EventWriter, validate_events
 from pipeline.metrics import NullRecorder
@@ -43,8 +44,6 @@ from pipeline.schemas import (
     RecommendResponse,
     SimilarResponse,
 )
-from pipeline.service import Item, RecommendService, Result
-from pipeline.service import Query as ServiceQuery
 from pipeline.store import StoreSettings, require_redis
 
 log = logging.getLogger("recserve")
@@ -72,11 +71,11 @@ def status_for(exc: RecserveError) -> int:
 
 
 class Api:
-    """What the routes do, over one RecommendService; plain Python, no Ray."""
+    """What the routes do, over one recommendation chain; plain Python, no Ray."""
 
     def __init__(
         self,
-        service: RecommendService,
+        chain: Chain,
         store_settings: StoreSettings,
         event_settings: EventSettings,
         writer_factory: Callable[[], EventWriter],
@@ -86,14 +85,14 @@ class Api:
     ) -> None:
         """Once `start` runs: `watch` keeps the store's state current (and restores a lost store); `event_log`'s
         flusher drains accepted events into the hourly files (one replica at a time holds its lease)."""
-        self.service = service
+        self.chain = chain
         self.watch = watch
         self.event_log = event_log
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.store_settings = store_settings
         self.event_settings = event_settings
-        self.known_items = frozenset(service.snapshot.item_ids.tolist())
+        self.known_items = frozenset(chain.snapshot.item_ids.tolist())
         self._writer_factory = writer_factory
         self._writer: EventWriter | None = None
         self._warmed = False
@@ -105,32 +104,10 @@ class Api:
             self._writer = self._writer_factory()
         return self._writer
 
-    async def recommend(self, body: RecommendRequest) -> Result:
-        q = ServiceQuery(user_id=body.user_id, k=body.k, exclude=tuple(body.exclude), query=body.query)
-        try:
-            return await self.service.recommend(q)
-        except Exception:
-            # Never a 500 for a valid request: the popularity list is always there.
-            log.exception("recommend failed for user %s; serving popularity", body.user_id)
-            self.recorder.fallback("internal_error")
-            return self.popular(q)
-
-    def popular(self, q: ServiceQuery) -> Result:
-        s = self.service
-        exclude = {s.item_index[x] for x in q.exclude if x in s.item_index}
-        none = np.empty(0, dtype=np.int64)
-        ranked = order(none, none.astype(np.float32), q.k, exclude, s.fill_items, s.fill_scores)
-        items = [
-            Item(
-                str(s.snapshot.item_ids[i]),
-                str(s.descriptions[i]),
-                score,
-                ("popularity",),
-                "popular in the last 30 days",
-            )
-            for i, score in zip(ranked.items, ranked.scores, strict=True)
-        ]
-        return Result(q.user_id, s.core.version, items, True, "internal_error", {}, 0)
+    async def recommend(self, body: RecommendRequest) -> Recommendation:
+        return await self.chain.recommend(
+            ChainQuery(user_id=body.user_id, k=body.k, exclude=tuple(body.exclude), query=body.query)
+        )
 
     def events(self, raw: list[Any]) -> int:
         try:
@@ -146,7 +123,7 @@ class Api:
         """Warm every path (the first call through each stage is slow and must not land on a customer), then start
         the store watch on the running loop. Idempotent."""
         if not self._warmed:
-            await self.service.warm()
+            await self.chain.warm()
             self._warmed = True
         if not self._tasks:
             self._stop.clear()
@@ -162,7 +139,7 @@ class Api:
 
     async def ready(self) -> tuple[bool, dict[str, Any]]:
         await self.start()
-        detail: dict[str, Any] = {"models": "loaded", "model_version": self.service.core.version}
+        detail: dict[str, Any] = {"models": "loaded", "model_version": self.chain.core.version}
         if self.watch is not None:
             status = self.watch.status
             if status.checked_at == 0.0:
@@ -350,16 +327,16 @@ def build_api(
     @app.get("/items/{item_id}/similar", response_model=SimilarResponse, responses={404: {"model": ErrorBody}})
     async def similar(item_id: str, request: Request, k: int = Query(10, ge=1, le=100)) -> Any:
         api = get()
-        found = await api.service.similar(item_id, k)
+        found = await api.chain.similar(item_id, k)
         if found is None:
             return _error(
                 rid(request),
                 404,
-                f"item {item_id!r} is not in the catalog of bundle {api.service.core.version}",
+                f"item {item_id!r} is not in the catalog of bundle {api.chain.core.version}",
                 "item_id",
             )
         return SimilarResponse(
-            request_id=rid(request), item_id=item_id, model_version=api.service.core.version, items=_items(found)
+            request_id=rid(request), item_id=item_id, model_version=api.chain.core.version, items=_items(found)
         )
 
     @app.get("/healthz")
@@ -376,6 +353,6 @@ def build_api(
         max_body_bytes=max_body_bytes,
         recorder=lambda: get().recorder,
         set_header=set_request_id,
-        max_in_flight=lambda: get().service.knobs.max_in_flight,
+        max_in_flight=lambda: get().chain.knobs.max_in_flight,
     )
     return app

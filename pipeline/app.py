@@ -11,8 +11,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
+from chain.knobs import Knobs
 from pipeline.events import EventSettings
-from pipeline.service import Knobs
 from pipeline.store import StoreSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

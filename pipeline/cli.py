@@ -31,7 +31,7 @@ def _progress(args: argparse.Namespace) -> bool:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from models.settings import TrainSettings
-    from models.train import train
+    from training.train import train
 
     settings = _load_settings(args.settings) if args.settings else TrainSettings()
     result = train(
@@ -68,33 +68,53 @@ def _load_settings(path: Path):  # noqa: ANN202 - returns TrainSettings, importe
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    import random
+
+    import pandas as pd
     from tqdm.auto import tqdm
 
+    from chain.offline import open_offline
     from models import bundle as bundle_mod
     from models.data import load_clean, sha256_file
     from models.errors import DataError
-    from models.evaluate import evaluate
     from models.split import holdout_truth, resolve_split
+    from training.evaluate import evaluate, query_steering
+    from training.queries import PRODUCT_QUERIES
 
     path = bundle_mod.resolve(args.bundle, args.artifacts)
-    b = bundle_mod.load(path)
-    recorded = b.manifest["data"]["sha256"]
+    chain = open_offline(path)
+    manifest = bundle_mod.read_manifest(path)
+    recorded = manifest["data"]["sha256"]
     if sha256_file(args.data) != recorded:
         raise DataError(
-            f"{args.data} is not the data bundle {b.version} was trained on (sha256 {recorded[:12]}…): "
+            f"{args.data} is not the data bundle {chain.version} was trained on (sha256 {recorded[:12]}…): "
             "pass that file with --data, or retrain"
         )
     data = load_clean(args.data)
-    split = resolve_split(data, b.cutoff.date(), b.settings.split)
-    truth = holdout_truth(data.interactions, split, set(b.recommender.snapshot.user_index))
+    split = resolve_split(data, pd.Timestamp(manifest["split"]["cutoff"]).date(), chain.settings.split)
+    truth = holdout_truth(data.interactions, split, set(chain.snapshot.user_index))
     with tqdm(total=len(truth), desc="evaluate", unit="user", disable=not _progress(args)) as bar:
-        ev = evaluate(b.recommender, truth, split.as_dict(), b.version, progress=bar.update)
+        ev = evaluate(chain, truth, split.as_dict(), chain.version, progress=bar.update)
+    users = random.Random(0).sample(sorted(truth), min(50, len(truth)))
+    steering = query_steering(chain, users, PRODUCT_QUERIES)
+    ev.extra["query_steering"] = {"mean": steering.mean, "worst": steering.worst, "pairs": len(steering.hits)}
     print(ev.table())
+    print(steering.summary())
     json_path = args.json or path / "evaluation.json"
     plot_path = args.plot or path / "evaluation.png"
     ev.write_json(json_path)
     ev.plot(plot_path)
-    print(f"evaluated bundle {b.version}: {ev.summary()}; wrote {json_path} and {plot_path}")
+    print(f"evaluated bundle {chain.version}: {ev.summary()}; wrote {json_path} and {plot_path}")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from models import bundle as bundle_mod
+    from pipeline.replay import replay
+
+    path = bundle_mod.resolve(args.bundle, args.artifacts)
+    n = replay(args.requests, path, args.out)
+    print(f"replayed {n} requests through bundle {path.name}'s chain into {args.out}")
     return 0
 
 
@@ -196,6 +216,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--plot", type=Path, help="PNG chart path (default: <bundle>/evaluation.png)")
     _data_and_quiet(ev)
     ev.set_defaults(func=cmd_evaluate)
+
+    rep = sub.add_parser(
+        "replay",
+        help="answer logged requests offline through the serving chain",
+        description="Run each line of a JSON-lines file ({user_id, k, exclude, query, events}) through the same "
+        "recommendation chain the service runs, over the bundle's own features and the line's session events, "
+        "and write one answer per line.",
+    )
+    rep.add_argument("--requests", type=Path, required=True, help="JSON-lines file of requests")
+    rep.add_argument("--out", type=Path, required=True, help="JSON-lines file of answers to write")
+    rep.add_argument("--bundle", type=Path, help="bundle directory (default: the one artifacts/LATEST names)")
+    rep.add_argument("--artifacts", type=Path, default=DEFAULT_ARTIFACTS, help="artifacts root (default: %(default)s)")
+    rep.set_defaults(func=cmd_replay)
 
     feats = sub.add_parser(
         "features",

@@ -1,4 +1,4 @@
-"""Ray Serve deployments: thin shells over the plain stage classes in models/serving.py and pipeline/.
+"""Ray Serve deployments: thin shells over the plain stage classes of the chain (chain/) and the HTTP edge.
 
 Each loads its artifacts once, in __init__; replicas, CPUs, GPUs and max_ongoing_requests come from the serve
 config; runtime knobs come through user_config and reconfigure.
@@ -6,6 +6,7 @@ config; runtime knobs come through user_config and reconfigure.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +14,19 @@ import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from chain.knobs import Knobs
+from chain.retrieve import CFQuery, CFStage, ContentQuery, ContentStage, normalize_query
+from chain.score import BlendStage
+from chain.types import SourceList
 from models.blender import Blender as BlenderModel
 from models.bundle import verified
 from models.cf import ALSModel
 from models.content import ContentModel as ContentModelClass
 from models.content import pick_device
-from models.serving import BlendStage, CFQuery, CFStage, ContentQuery, ContentStage, SourceList
 from pipeline.api import Api, build_api
 from pipeline.local import freeze_heap, limit_threads, make_api
 from pipeline.metrics import RayRecorder
 from pipeline.priority import low_priority
-from pipeline.service import Knobs
 
 
 @serve.deployment(max_ongoing_requests=64)
@@ -59,7 +62,11 @@ class ContentModel:
         return list(encode(encoder, texts, batch_size=len(texts), progress=False))
 
     async def retrieve(self, q: ContentQuery) -> SourceList:
-        vector = await self._encode(q.query) if (q.query and self.batch_queries) else None
+        vector = None
+        if q.query and self.batch_queries:
+            vector = await self._encode(normalize_query(q.query))
+        elif q.query:  # off the replica's event loop: torch releases the GIL while it encodes
+            vector = await asyncio.to_thread(self.stage.encode, normalize_query(q.query))
         return self.stage.retrieve(q, vector)
 
     async def similar(self, item: int, n: int) -> SourceList:
@@ -141,4 +148,4 @@ class Ingress:
             await _Current.api.stop()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        _Current.get().service.reconfigure(Knobs.model_validate(user_config))
+        _Current.get().chain.reconfigure(Knobs.model_validate(user_config))

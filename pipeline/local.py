@@ -19,19 +19,23 @@ from typing import Any
 import yaml
 from fastapi import FastAPI
 
+from chain.knobs import Knobs
+from chain.ports import Stages
+from chain.recommend import Chain
+from chain.retrieve import CFStage, ContentStage
+from chain.runtimes import LocalStages
+from chain.score import BlendStage
 from models.blender import Blender as BlenderModel
-from models.bundle import load_core, verified
+from models.bundle import load_core
 from models.cf import ALSModel
 from models.content import ContentModel, pick_device
 from models.errors import ConfigError, RecserveError
-from models.serving import BlendStage, CFStage, ContentStage
 from pipeline.api import Api, build_api
 from pipeline.app import PROJECT_ROOT, AppArgs
 from pipeline.eventlog import EventLog, rebuild_realtime
 from pipeline.events import EventWriter
 from pipeline.metrics import NullRecorder
 from pipeline.recovery import StoreWatch, bundle_materializer
-from pipeline.service import Knobs, LocalStages, RecommendService, Stages
 from pipeline.store import OnlineFeatures, open_store
 
 log = logging.getLogger("recserve")
@@ -56,14 +60,13 @@ def make_api(settings: AppArgs, stages: Stages | None = None, recorder: Callable
     """The ingress's Api over `stages`; None runs the models in this process (colocated). `recorder(version)`
     makes the metrics recorder."""
     bundle = Path(str(settings.bundle))
-    core = load_core(bundle)
+    core = load_core(bundle)  # verifies every file's hash, once
     if stages is None:
-        path, _, train_settings = verified(bundle)
         device = pick_device()
         stages = LocalStages(
-            CFStage(ALSModel.load(path, train_settings.cf), device=device),
-            ContentStage(ContentModel.load(path, device=device)).warm(),
-            BlendStage(BlenderModel.load(path, num_threads=1)),
+            CFStage(ALSModel.load(core.path, core.settings.cf), device=device),
+            ContentStage(ContentModel.load(core.path, device=device)).warm(),
+            BlendStage(BlenderModel.load(core.path, num_threads=1)),
             threads=settings.stage_threads,
         )
     rec = recorder(core.version) if recorder else NullRecorder()
@@ -84,14 +87,14 @@ def make_api(settings: AppArgs, stages: Stages | None = None, recorder: Callable
             bundle_materializer(store, bundle),
             rebuild_events=lambda: rebuild_realtime(event_log, api.writer()),
         )
-    service = RecommendService(
+    chain = Chain(
         core, features, stages, settings.knobs, rec, store_state=(lambda: watch.status.state) if watch else None
     )
 
     def writer() -> EventWriter:
         return EventWriter(open_store(store), store, settings.events)
 
-    api = Api(service, store, settings.events, writer, rec, watch, event_log)
+    api = Api(chain, store, settings.events, writer, rec, watch, event_log)
     try:
         api.writer()  # now, not inside the first POST /events (opening Feast's registry takes ~0.7 s)
     except RecserveError as exc:

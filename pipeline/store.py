@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from chain.types import UserRow, numeric_values
 from feature_repo import definitions as defs
 from models.errors import NotMaterializedError, StoreUnavailableError
 from models.features import (
@@ -41,7 +42,6 @@ from models.features import (
     REALTIME_FEATURES,
     USER_FEATURES,
     USER_KEY,
-    USER_NUMERIC_FEATURES,
 )
 from models.realtime import Realtime
 from models.snapshot import ITEM_FEATURES_FILE, USER_FEATURES_FILE
@@ -340,38 +340,9 @@ def _row(names: Sequence[str], raw: list[bytes | None]) -> dict[str, Any]:
     return dict(zip(names, map(decode, raw[:-1]), strict=True))
 
 
-def _numeric(values: dict[str, Any], names: Sequence[str]) -> np.ndarray:
-    return np.array(
-        [float(BY_NAME[n].default) if values.get(n) is None else values[n] for n in names],  # type: ignore[arg-type]
-        dtype=np.float32,
-    )
-
-
-@dataclass(frozen=True)
-class UserFeatures:
-    user_id: str
-    known: bool  # the bundle has a batch row for this user
-    numeric: np.ndarray  # float32, USER_NUMERIC_FEATURES order; each feature's default when unknown
-    country: str
-    realtime: Realtime
-
-    @classmethod
-    def from_values(cls, user_id: str, values: dict[str, Any]) -> UserFeatures:
-        """From feature name → stored value (None where absent), whichever reader produced them."""
-        known = any(values.get(n) is not None for n in USER_FEATURES)
-        country = values.get("user_country")
-        return cls(
-            user_id=user_id,
-            known=known,
-            numeric=_numeric(values, USER_NUMERIC_FEATURES),
-            country=str(BY_NAME["user_country"].default) if country is None else str(country),
-            realtime=Realtime.from_columns({n: values.get(n) for n in REALTIME_FEATURES}),
-        )
-
-
 @dataclass(frozen=True)
 class Hydrated:
-    user: UserFeatures
+    user: UserRow
     items: np.ndarray  # int64 catalog indices, as asked
     item_features: np.ndarray  # float32 (len(items), len(ITEM_FEATURES)), ITEM_FEATURES order
 
@@ -416,10 +387,10 @@ class OnlineFeatures:
                 f"{len(missing)} of {len(item_ids)} items missing): run "
                 f"`recserve features materialize --bundle <its directory>`"
             )
-        matrix = np.stack([_numeric(_row(ITEM_FEATURES, row), ITEM_FEATURES) for row in rows])
+        matrix = np.stack([numeric_values(_row(ITEM_FEATURES, row), ITEM_FEATURES) for row in rows])
         return cls(settings, version, np.asarray(item_ids, dtype=str), matrix, client)
 
-    def user(self, user_id: str) -> UserFeatures:
+    def user(self, user_id: str) -> UserRow:
         project = self.settings.project
         try:
             with self.client.pipeline(transaction=False) as pipe:
@@ -428,7 +399,7 @@ class OnlineFeatures:
                 batch, realtime = pipe.execute()
         except REDIS_ERRORS as exc:
             raise unavailable(self.settings, exc) from None
-        return UserFeatures.from_values(user_id, {**_row(USER_FEATURES, batch), **_row(REALTIME_FEATURES, realtime)})
+        return UserRow.from_values(user_id, {**_row(USER_FEATURES, batch), **_row(REALTIME_FEATURES, realtime)})
 
     def read(self, user_id: str, items: np.ndarray) -> Hydrated:
         """The user's batch and real-time features and, for up to MAX_ITEMS catalog indices, the item features."""
@@ -449,13 +420,13 @@ def read_realtime(client: redis.Redis, project: str, user_ids: Sequence[str]) ->
     }
 
 
-def read_user_via_feast(store: FeatureStore, version: str, user_id: str) -> UserFeatures:
+def read_user_via_feast(store: FeatureStore, version: str, user_id: str) -> UserRow:
     """The same read through Feast's SDK and the ingress feature service: the reference for the fast path."""
     response = store.get_online_features(
         features=store.get_feature_service(defs.INGRESS_SERVICE),
         entity_rows=[{USER_KEY: user_id, BUNDLE_KEY: version}],
     ).to_dict()
-    return UserFeatures.from_values(user_id, {name: response[name][0] for name in (*USER_FEATURES, *REALTIME_FEATURES)})
+    return UserRow.from_values(user_id, {name: response[name][0] for name in (*USER_FEATURES, *REALTIME_FEATURES)})
 
 
 def _is_entity_key(raw: bytes) -> bool:

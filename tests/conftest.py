@@ -52,7 +52,7 @@ SLICE_CUTOFF = pd.Timestamp("2011-09-01")
 def small_bundle(real_data, tmp_path_factory) -> Path:
     """A bundle trained on a slice of the real data: May-September 2011, the 600 best-selling items."""
     from models.settings import BlenderSettings, CFSettings, TrainSettings
-    from models.train import train
+    from training.train import train
 
     sales = real_data.sales
     sales = sales[(sales["ts"] >= "2011-05-01") & (sales["ts"] < "2011-10-01")]

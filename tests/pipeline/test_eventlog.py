@@ -25,6 +25,11 @@ import pyarrow.parquet as pq
 import pytest
 from feast import FeatureStore
 
+from chain.knobs import Knobs
+from chain.recommend import Chain
+from chain.retrieve import CFStage, ContentStage
+from chain.runtimes import LocalStages
+from chain.score import BlendStage
 from feature_repo import definitions as defs
 from models.blender import Blender
 from models.bundle import load_core, verified
@@ -33,12 +38,10 @@ from models.content import ContentModel
 from models.errors import StoreUnavailableError
 from models.features import EVENT_TIMESTAMP, USER_KEY
 from models.realtime import EventRecord, Realtime, WindowSettings
-from models.serving import BlendStage, CFStage, ContentStage
 from pipeline.api import Api, build_api
 from pipeline.eventlog import EventLog, Lineages, StreamId, lease_key, rebuild_realtime, restore_window, window_of
 from pipeline.events import EventSettings, EventWriter, validate_events
 from pipeline.metrics import NullRecorder
-from pipeline.service import Knobs, LocalStages, RecommendService
 from pipeline.store import (
     OnlineFeatures,
     StoreSettings,
@@ -390,7 +393,7 @@ def test_a_redis_restart_under_twenty_concurrent_writers_loses_no_accepted_event
         CFStage(ALSModel.load(path, train.cf)), ContentStage(ContentModel.load(path)), BlendStage(Blender.load(path))
     )
     online = OnlineFeatures.load(settings, core.version, core.snapshot.item_ids.tolist())
-    service = RecommendService(core, online, stages, Knobs(max_in_flight=100), NullRecorder())
+    service = Chain(core, online, stages, Knobs(max_in_flight=100), NullRecorder())
     events = EventSettings()
     api = Api(service, settings, events, lambda: EventWriter(store, settings, events))
     app = build_api(lambda: api)

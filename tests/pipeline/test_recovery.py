@@ -46,7 +46,7 @@ def test_a_redis_restart_without_persistence_is_detected_served_degraded_and_rec
     materialize(open_store(settings), settings, small_bundle, manifest(small_bundle))
     api = make_api(AppArgs(bundle=small_bundle, store=settings))
     http = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_api(lambda: api)), base_url="http://replica")
-    known = "12347" if "12347" in set(api.service.snapshot.user_ids.tolist()) else str(api.service.snapshot.user_ids[0])
+    known = "12347" if "12347" in set(api.chain.snapshot.user_ids.tolist()) else str(api.chain.snapshot.user_ids[0])
     fresh = "recovery-new-user"
     viewed = [i for i in catalog(small_bundle) if i in api.known_items][:3]
 

@@ -11,15 +11,19 @@ import httpx
 import numpy as np
 import pytest
 
+from chain.knobs import Chaos, Knobs
+from chain.recommend import Chain
+from chain.retrieve import CFStage, ContentStage
+from chain.runtimes import LocalStages
+from chain.score import BlendStage
+from chain.types import Query
 from models.blender import Blender
 from models.bundle import load_core, verified
 from models.cf import ALSModel
 from models.content import ContentModel
-from models.serving import BlendStage, CFStage, ContentStage
 from pipeline.api import Api, build_api
 from pipeline.events import EventSettings, EventWriter
 from pipeline.metrics import NullRecorder
-from pipeline.service import Chaos, Knobs, LocalStages, Query, RecommendService
 from pipeline.store import OnlineFeatures, StoreSettings, open_store
 
 pytestmark = pytest.mark.integration
@@ -40,8 +44,8 @@ def stages(small_bundle):
     )
 
 
-def service(core, online, stages, **knobs) -> RecommendService:
-    return RecommendService(core, online, stages, Knobs(**knobs), NullRecorder())
+def service(core, online, stages, **knobs) -> Chain:
+    return Chain(core, online, stages, Knobs(**knobs), NullRecorder())
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +69,7 @@ def known_user(core) -> str:
 
 
 def test_a_known_user_gets_k_distinct_blended_items(api, core):
-    r = run(api.service.recommend(Query(known_user(core), k=10)))
+    r = run(api.chain.recommend(Query(known_user(core), k=10)))
     assert not r.degraded and r.fallback_reason is None
     ids = [i.item_id for i in r.items]
     assert len(ids) == 10 == len(set(ids)) and set(ids) <= set(core.snapshot.item_ids)
@@ -76,21 +80,21 @@ def test_a_known_user_gets_k_distinct_blended_items(api, core):
 
 def test_exclusions_and_large_k_are_honoured(api, core):
     user = known_user(core)
-    first = run(api.service.recommend(Query(user, k=5)))
+    first = run(api.chain.recommend(Query(user, k=5)))
     excluded = tuple(i.item_id for i in first.items)
-    r = run(api.service.recommend(Query(user, k=100, exclude=excluded)))
+    r = run(api.chain.recommend(Query(user, k=100, exclude=excluded)))
     ids = [i.item_id for i in r.items]
     assert len(ids) == 100 == len(set(ids)) and not set(ids) & set(excluded)
 
 
 def test_events_steer_a_new_users_cold_start(api, core):
-    cold = run(api.service.recommend(Query("brand-new-e2e-user", k=10)))
+    cold = run(api.chain.recommend(Query("brand-new-e2e-user", k=10)))
     assert [i.sources for i in cold.items] == [("popularity",)] * 10 and not cold.degraded
     # Three views of one product family: the next answer must follow them, with a reason that says so.
     items = core.snapshot.item_ids
     family = [str(i) for i, d in zip(items, core.snapshot.descriptions, strict=True) if "CHRISTMAS" in d][:3]
     assert api.events([{"user_id": "steered-user", "item_id": i, "event_type": "view"} for i in family]) == 3
-    r = run(api.service.recommend(Query("steered-user", k=10)))
+    r = run(api.chain.recommend(Query("steered-user", k=10)))
     assert not r.degraded
     assert any("content" in i.sources or "cf" in i.sources for i in r.items)
     assert any(i.reason.endswith("you viewed") for i in r.items)

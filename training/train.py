@@ -14,17 +14,21 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from chain.offline import OfflineChain
+from chain.retrieve import CFStage, ContentStage
+from chain.score import BlendStage
+from chain.types import Query
 from models import bundle as bundle_mod
 from models.blender import Blender
 from models.cf import ALSModel
 from models.content import ENCODER_NAME, ContentModel, encode, load_encoder
 from models.data import CleanData, load_clean, sha256_file, summarize
 from models.errors import ConfigError
-from models.evaluate import Evaluation, evaluate
-from models.recommender import Recommender
+from models.popularity import Popularity
 from models.settings import TrainSettings
 from models.snapshot import Snapshot
 from models.split import Split, future_purchases, holdout_truth, resolve_split
+from training.evaluate import Evaluation, evaluate
 
 
 @dataclass
@@ -45,31 +49,39 @@ def _embed(texts: np.ndarray, cache: dict[str, np.ndarray], settings: TrainSetti
     return np.stack([cache[t] for t in texts.tolist()]).astype(np.float32)
 
 
-def _recommender(
+def _chain(
     snap: Snapshot, settings: TrainSettings, cache: dict[str, np.ndarray], blender: Blender | None, progress: bool
-) -> Recommender:
+) -> OfflineChain:
     cf = ALSModel.fit(snap.times_bought, settings.cf, settings.seed, settings.num_threads, show_progress=progress)
     content = ContentModel(_embed(snap.descriptions, cache, settings, progress))
-    return Recommender(snap, cf, content, blender, settings.candidates, settings.content.profile_items)
+    return OfflineChain(
+        snap,
+        Popularity.fit(snap.item_matrix),
+        settings,
+        CFStage(cf),
+        ContentStage(content),
+        BlendStage(blender) if blender is not None else None,
+    )
 
 
 def blender_examples(
-    rec: Recommender, labels: dict[str, set[str]], progress: bool
+    chain: OfflineChain, labels: dict[str, set[str]], progress: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Features, binary labels and group sizes for users with at least one bought candidate."""
-    snap = rec.snapshot
-    users = np.array([snap.user_index[u] for u in labels if u in snap.user_index], dtype=np.int64)
+    """Feature rows, binary labels and group sizes for the users with at least one bought candidate: the
+    candidates and rows a default request (k=10, no query, no events) gets from the serving chain."""
+    snap = chain.snapshot
+    users = [u for u in labels if u in snap.user_index]
     xs, ys, groups = [], [], []
-    with tqdm(total=users.shape[0], desc="blender examples", unit="user", disable=not progress, leave=False) as bar:
-        for r in rec.retrieve(users):
-            bought = labels[str(snap.user_ids[r.user])]
+    with tqdm(total=len(users), desc="blender examples", unit="user", disable=not progress, leave=False) as bar:
+        for r in chain.retrieve_all(Query(u) for u in users):
+            bought = labels[r.context.query.user_id]
             y = np.fromiter((i in bought for i in snap.item_ids[r.candidates.items]), bool, len(r.candidates))
             bar.update(1)
             if y.any():
-                xs.append(rec.hydrate(r))
+                xs.append(chain.hydrate(r).x)
                 ys.append(y.astype(np.float32))
                 groups.append(len(r.candidates))
-    return np.vstack(xs), np.concatenate(ys), np.asarray(groups, dtype=np.int64), int(users.shape[0])
+    return np.vstack(xs), np.concatenate(ys), np.asarray(groups, dtype=np.int64), len(users)
 
 
 def train(
@@ -106,24 +118,24 @@ def train(
     step("snapshots built")
 
     cache: dict[str, np.ndarray] = {}
-    val_rec = _recommender(val_snap, settings, cache, None, progress)
+    val_chain = _chain(val_snap, settings, cache, None, progress)
     step("validation models fitted")
     labels = future_purchases(inter, split.validation_start, split.cutoff)
-    x, y, groups, label_users = blender_examples(val_rec, labels, progress)
+    x, y, groups, label_users = blender_examples(val_chain, labels, progress)
     step("blender examples built")
     blender, blender_stats = Blender.fit(x, y, groups, settings.blender, settings.seed, settings.num_threads)
     step("blender fitted")
-    rec = _recommender(final_snap, settings, cache, blender, progress)
+    chain = _chain(final_snap, settings, cache, blender, progress)
     step("final models fitted")
 
     tmp = out / f".{version}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    files = [*final_snap.save(tmp, version), *rec.cf.save(tmp), *rec.content.save(tmp), *blender.save(tmp)]
-    files += rec.popularity.save(tmp, final_snap.item_ids)
+    files = [*final_snap.save(tmp, version), *chain.cf.model.save(tmp), *chain.content.model.save(tmp)]
+    files += [*blender.save(tmp), *chain.popularity.save(tmp, final_snap.item_ids)]
 
     truth = holdout_truth(inter, split, set(final_snap.user_index))
-    evaluation = evaluate(rec, truth, split.as_dict(), version)
+    evaluation = evaluate(chain, truth, split.as_dict(), version)
     evaluation.extra = {"blender": blender_stats}
     step("evaluated")
     steps.close()

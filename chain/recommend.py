@@ -1,0 +1,272 @@
+"""The chain per request, under one deadline with one fallback ladder:
+
+    ctx = fetch(query)                      # the user's features; the bundle's when the store cannot answer
+    lists = retrieve(ctx)                   # CF and content in parallel (stages), history, popularity
+    cands = filter(merge(lists))            # excluded items out; with a query, only its matches stay
+    scored = score(hydrate(cands, ctx))     # the blender, or the single-source rung when it is out
+    answer = explain(order(scored, k))      # one ranking, one item per description, with reasons
+
+Every failure below the HTTP edge ends in a ranked answer flagged `degraded`, with the reason: a stage that errs or
+misses its share of the deadline is skipped (and, after `breaker_failures` in a row, not called for
+`breaker_open_s`); a failure anywhere else answers the popularity ranking (`internal_error`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import numpy as np
+
+from chain.context import ContextFetcher
+from chain.explain import POPULAR_REASON, explain
+from chain.hydrate import hydrate
+from chain.knobs import Knobs
+from chain.merge import filter_candidates, merge
+from chain.order import order
+from chain.ports import FeatureStore, Recorder, Stages
+from chain.retrieve import CFQuery, ContentQuery, cf_query, content_query, popular
+from chain.runtimes import ChaosStages
+from chain.score import single_source
+from chain.types import Candidates, Context, Item, Query, Recommendation, Scored, SourceList
+from models.bundle import ServingCore
+from models.settings import TrainSettings
+from models.snapshot import Snapshot
+
+T = TypeVar("T")
+log = logging.getLogger("recserve")
+
+
+def _consume(task: asyncio.Future) -> None:
+    """Retrieve an abandoned task's outcome, so asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
+class Sizes:
+    """How many candidates each source proposes for one request: the bundle's training settings unless a knob
+    overrides them. Popularity and the query's matches always cover 2k items past the excluded ones, so an answer
+    holds k items, all scored by the same scorer, whenever the catalog allows."""
+
+    def __init__(self, settings: TrainSettings, n_items: int, knobs: Knobs) -> None:
+        c = settings.candidates
+        self.n_cf = knobs.n_cf or c.n_cf
+        self.n_content = knobs.n_content or c.n_content
+        self.n_history = knobs.n_history or c.n_history
+        self.n_popular = knobs.n_popular or c.n_popular
+        self.n_query = knobs.n_query
+        self.profile_items = settings.content.profile_items
+        self.n_items = n_items
+
+    def covering(self, n: int, q: Query) -> int:
+        return min(self.n_items, max(n, 2 * q.k + len(q.exclude)))
+
+
+def retrieve_plan(ctx: Context, snapshot: Snapshot, sizes: Sizes) -> tuple[CFQuery, ContentQuery]:
+    """The CF and content queries for one context (the same for serving and offline)."""
+    q = ctx.query
+    return (
+        cf_query(ctx, snapshot, sizes.n_cf),
+        content_query(ctx, sizes.n_content, sizes.covering(sizes.n_query, q), sizes.profile_items),
+    )
+
+
+def source_lists(
+    ctx: Context, cf: SourceList | None, content: SourceList | None, popularity: SourceList
+) -> dict[str, SourceList]:
+    lists = {"history": ctx.history, "popularity": popularity}
+    if cf is not None and len(cf):
+        lists["cf"] = cf
+    if content is not None and len(content):
+        lists["content"] = content
+    return lists
+
+
+class Chain:
+    def __init__(
+        self,
+        core: ServingCore,
+        store: FeatureStore,
+        stages: Stages,
+        knobs: Knobs,
+        recorder: Recorder,
+        store_state: Callable[[], str] | None = None,
+    ) -> None:
+        self.core = core
+        self.snapshot = core.snapshot
+        self.store = store
+        self.fetcher = ContextFetcher(store, core.snapshot, store_state)
+        self.stages = ChaosStages(stages, lambda: self.knobs.chaos)
+        self.recorder = recorder
+        # Per stage: consecutive failures, and until when it is skipped. A model replica that died leaves calls
+        # hanging to the deadline (about 60 ms each in the distributed app) until Ray replaces it, ~25 s here;
+        # skipped, the ladder answers at once.
+        self._failures: dict[str, int] = {}
+        self._open_until: dict[str, float] = {}
+        # Sees each request's candidates, feature rows and scores (the parity test compares them with offline's).
+        self.trace: Callable[[Candidates, np.ndarray, Scored], None] | None = None
+        self.reconfigure(knobs)
+
+    def reconfigure(self, knobs: Knobs) -> None:
+        self.knobs = knobs
+        self.sizes = Sizes(self.core.settings, int(self.snapshot.item_ids.shape[0]), knobs)
+
+    async def _guarded(self, stage: str, call: Callable[[], Awaitable[T]], until: float) -> tuple[T | None, str | None]:
+        """`_within` behind a circuit breaker: "unavailable" without a call while the stage is skipped."""
+        if time.monotonic() < self._open_until.get(stage, 0.0):
+            return None, "unavailable"
+        out, err = await self._within(call(), until)
+        if err is None:
+            self._failures[stage] = 0
+        else:
+            self._failures[stage] = self._failures.get(stage, 0) + 1
+            if self._failures[stage] >= self.knobs.breaker_failures:
+                self._failures[stage] = 0
+                self._open_until[stage] = time.monotonic() + self.knobs.breaker_open_s
+        return out, err
+
+    @staticmethod
+    async def _within(call: Awaitable[T], until: float) -> tuple[T | None, str | None]:
+        """The call's result by `until` (monotonic s), or why not. The deadline is hard: a late call is cancelled
+        and left behind, never awaited (asyncio.wait_for waits for the cancellation to finish, and a call to a
+        dead replica's handle took seconds to cancel)."""
+        task = asyncio.ensure_future(call)
+        done, _ = await asyncio.wait({task}, timeout=max(until - time.monotonic(), 0.0))
+        if not done:
+            task.cancel()
+            task.add_done_callback(_consume)
+            return None, "timeout"
+        if task.exception() is not None:
+            return None, "error"
+        return task.result(), None
+
+    async def recommend(self, q: Query) -> Recommendation:
+        try:
+            return await self._recommend(q)
+        except Exception:
+            # Never a 500 for a valid request: the popularity ranking is always there.
+            log.exception("recommend failed for user %s; serving popularity", q.user_id)
+            self.recorder.fallback("internal_error")
+            return self.popular_answer(q, "internal_error")
+
+    async def _recommend(self, q: Query) -> Recommendation:
+        started = time.monotonic()
+        deadline = self.knobs.deadline_ms / 1000
+        timings: dict[str, float] = {}
+        reasons: list[str] = []
+
+        def lap(stage: str, since: float) -> float:
+            now = time.monotonic()
+            timings[stage] = round((now - since) * 1000, 3)
+            self.recorder.stage(stage, timings[stage])
+            return now
+
+        k = self.knobs
+        ctx = self.fetcher.fetch(q, self.sizes.n_history, k.session_events, k.feature_store_retry_s)
+        if ctx.problem:
+            reasons.append(ctx.problem)
+        t = lap("features", started)
+
+        cf_q, ct_q = retrieve_plan(ctx, self.snapshot, self.sizes)
+        until = started + deadline * k.retrieval_share
+
+        async def timed(name: str, call: Callable[[], Awaitable[SourceList]]) -> tuple[SourceList | None, str | None]:
+            out = await self._guarded(name, call, until)
+            lap(name, t)
+            return out
+
+        (cf, cf_err), (ct, ct_err) = await asyncio.gather(
+            timed("cf", lambda: self.stages.cf(cf_q)), timed("content", lambda: self.stages.content(ct_q))
+        )
+        reasons += [f"{name}_{err}" for name, err in (("cf", cf_err), ("content", ct_err)) if err]
+        t = time.monotonic()
+
+        pop = popular(self.core.popularity, self.sizes.covering(self.sizes.n_popular, q))
+        lists = source_lists(ctx, cf, ct, pop)
+        query_mode = bool(q.query) and "content" in lists
+        cands = filter_candidates(merge(lists), ctx.exclude, query_mode)
+        self.recorder.candidates(len(cands))
+        hydrated = hydrate(cands, ctx, self.snapshot, self.store.item_matrix)
+        scores, blend_err = await self._guarded(
+            "blend", lambda: self.stages.blend(hydrated.x), started + deadline * k.blend_share
+        )
+        t = lap("blend", t)
+        if blend_err is None and scores is not None:
+            scored = Scored(cands, scores, "blend", hydrated.ui_times_bought)
+        else:
+            reasons.append(f"blend_{blend_err}")
+            rung = single_source(cands)
+            if rung is None:  # nothing to rank at all: a catalog smaller than what was excluded
+                return self.popular_answer(q, ",".join(reasons))
+            scored = Scored(cands, rung[0], rung[1], hydrated.ui_times_bought)
+        if self.trace is not None:
+            self.trace(cands, hydrated.x, scored)
+        positions = order(cands.items, scored.scores, q.k, self.snapshot.descriptions)
+        items = explain(scored, positions, ctx, self.snapshot)
+        lap("rules", t)
+        timings["total"] = round((time.monotonic() - started) * 1000, 3)
+        for r in reasons:
+            self.recorder.fallback(r)
+        return Recommendation(
+            user_id=q.user_id,
+            model_version=self.core.version,
+            items=items,
+            degraded=bool(reasons),
+            fallback_reason=",".join(reasons) or None,
+            timings_ms=timings,
+            candidates=len(cands),
+        )
+
+    def popular_answer(self, q: Query, reason: str) -> Recommendation:
+        """The ladder's last rung: the popularity ranking (score = distinct invoices in the last 30 days), without
+        the excluded items, one per description."""
+        snap = self.snapshot
+        exclude = {snap.item_index[x] for x in q.exclude if x in snap.item_index}
+        items: list[Item] = []
+        seen: set[str] = set()
+        for i in self.core.popularity.order.tolist():
+            d = str(snap.descriptions[i])
+            if i in exclude or d in seen:
+                continue
+            seen.add(d)
+            score = float(self.core.popularity.scores[i])
+            items.append(Item(str(snap.item_ids[i]), d, score, ("popularity",), POPULAR_REASON))
+            if len(items) == q.k:
+                break
+        return Recommendation(q.user_id, self.core.version, items, True, reason, {}, 0)
+
+    async def warm(self) -> None:
+        """One full request per path before the replica reports ready: the first call through each stage (handle
+        routing, lazy imports, caches, the encoder) is slow, and must not land on a customer."""
+        if not self.snapshot.user_ids.size:
+            return
+        user = str(self.snapshot.user_ids[0])
+        knobs = self.knobs
+        self.knobs = knobs.model_copy(update={"deadline_ms": 10_000.0})
+        try:
+            for q in (Query(user), Query("warm-up-new-user"), Query(user, query="warm up")):
+                await self.recommend(q)
+            await self.similar(str(self.snapshot.item_ids[0]), 5)
+        finally:
+            self.knobs = knobs
+
+    async def similar(self, item_id: str, k: int) -> list[Item] | None:
+        """The k items whose descriptions are nearest the item's; None for an item the bundle does not know."""
+        i = self.snapshot.item_index.get(item_id)
+        if i is None:
+            return None
+        found = await self.stages.similar(i, k)
+        name = str(self.snapshot.descriptions[i]).lower()
+        return [
+            Item(
+                str(self.snapshot.item_ids[j]),
+                str(self.snapshot.descriptions[j]),
+                float(s),
+                ("content",),
+                f"similar to {name}",
+            )
+            for j, s in zip(found.items.tolist(), found.scores.tolist(), strict=True)
+        ]
