@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import redis
 from feast.infra.key_encoding_utils import deserialize_entity_key, serialize_entity_key
-from feast.infra.online_stores.helpers import _mmh3
+from feast.infra.online_stores.helpers import _mmh3, _redis_key
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -53,7 +53,10 @@ if TYPE_CHECKING:
 os.environ.setdefault("FEAST_USAGE", "False")
 
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-ENTITY_KEY_VERSION = 3  # feature_store.yaml's entity_key_serialization_version
+# The key format Feast writes with, read from the repo's own config so the two cannot drift.
+ENTITY_KEY_VERSION = int(
+    re.search(r"^entity_key_serialization_version:\s*(\d+)", (defs.REPO / "feature_store.yaml").read_text(), re.M)[1]
+)
 
 
 def fast_retry() -> Retry:
@@ -296,11 +299,12 @@ def _count_present(client: redis.Redis, keys: list[bytes]) -> int:
 
 
 def entity_key(project: str, **join_keys: str) -> bytes:
-    """Feast's Redis key for one entity row: serialized join keys (sorted), then the project name."""
+    """The Redis key of one entity row, by the function Feast's Redis online store writes with (`_redis_key`), so
+    reads here and Feast's writes (materialize, push) share one codec."""
     proto = EntityKeyProto(
         join_keys=list(join_keys), entity_values=[ValueProto(string_val=v) for v in join_keys.values()]
     )
-    return serialize_entity_key(proto, entity_key_serialization_version=ENTITY_KEY_VERSION) + project.encode()
+    return _redis_key(project, proto, entity_key_serialization_version=ENTITY_KEY_VERSION)
 
 
 def batch_key(project: str, version: str, key_name: str, value: str) -> bytes:
