@@ -51,15 +51,6 @@ class Weighting:
             w = counts * (s.bm25_k1 + 1.0) / (s.bm25_k1 * length_norm + counts) * self.idf[items]
         return s.alpha * w
 
-    def apply_new_item(self, counts: np.ndarray, n_users: int) -> np.ndarray:
-        """Confidence for a new item's buyers: its IDF from its own buyer count, buyers of average length."""
-        s = self.settings
-        counts = counts.astype(np.float64)
-        if s.weighting == "log":
-            return s.alpha * (1.0 + np.log1p(counts))
-        idf = max(np.log(n_users) - np.log1p(counts.size), 0.0)
-        return s.alpha * counts * (s.bm25_k1 + 1.0) / (s.bm25_k1 + counts) * idf
-
     def matrix(self, counts: sp.csr_matrix) -> sp.csr_matrix:
         out = counts.astype(np.float64, copy=True)
         for u in range(out.shape[0]):
@@ -131,13 +122,6 @@ class ALSModel:
         conf = self.weighting.apply(items, counts)
         keep = conf > 0
         return self._solve(self._yty, self.item_factors, items[keep], conf[keep])
-
-    def fold_in_item(self, users: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """An item factor for an item unseen in training, from the known users who bought it."""
-        if users.size == 0:
-            return np.zeros(self.user_factors.shape[1], dtype=np.float32)
-        conf = self.weighting.apply_new_item(counts, n_users=self.user_factors.shape[0])
-        return self._solve(self._xtx, self.user_factors, users, conf)
 
     def save(self, directory: Path) -> list[str]:
         np.savez(

@@ -70,8 +70,8 @@ FEATURES: tuple[Feature, ...] = (
     Feature(
         "ui_days_since_last_bought", "float32", "user_item", "days since the user last bought it; missing if never"
     ),
-    # Written by POST /events through Feast's push path: the retained events, newest first, as parallel lists.
-    # Counts over the last hour and day are derived from them at read time (pipeline/events.py), so they age.
+    # Written by POST /events through Feast's push path: the retained events, newest first, as parallel lists
+    # (models/realtime.py reads them back; the chain takes the newest as the session).
     *(
         Feature(name, dtype, "realtime", description, blender=False, default=None)
         for name, dtype, description in (
@@ -88,7 +88,6 @@ BLENDER_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.blender)
 ITEM_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.group == "item")
 USER_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.group == "user")
 USER_NUMERIC_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.group == "user" and f.blender)
-SOURCE_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.group == "source")
 REALTIME_FEATURES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.group == "realtime")
 BY_NAME: dict[str, Feature] = {f.name: f for f in FEATURES}
 

@@ -27,11 +27,9 @@ class Popularity:
         # lexsort sorts by the last key first: recent popularity, then buyers, then item index for stability.
         return cls(np.lexsort((np.arange(recent.shape[0]), -buyers, -recent)), recent)
 
-    def top(self, n: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        order = self.order
-        if exclude is not None and exclude.size:
-            order = order[~np.isin(order, exclude)]
-        items = order[:n]
+    def top(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The n most popular catalog indices, best first, and their scores."""
+        items = self.order[:n]
         return items, self.scores[items]
 
     def save(self, directory: Path, item_ids: np.ndarray) -> list[str]:

@@ -150,6 +150,7 @@ def train(
         "catalog": {"items": len(final_snap.item_ids), "users": len(final_snap.user_ids)},
         "blender_training": {
             **blender_stats,
+            "importance_gain": blender.importance(),
             "rows": int(x.shape[0]),
             "groups": int(groups.shape[0]),
             "label_users": label_users,
