@@ -24,6 +24,7 @@ from models.cf import ALSModel
 from models.content import ContentModel as ContentModelClass
 from models.content import pick_device
 from pipeline.api import Api, build_api
+from pipeline.args import AppArgs
 from pipeline.local import freeze_heap, limit_threads, make_api
 from pipeline.metrics import RayRecorder
 from pipeline.priority import low_priority
@@ -127,16 +128,13 @@ class Ingress:
     # HAProxy sends it traffic (a restarted replica too).
     async def __init__(  # type: ignore[misc]
         self,
-        args: dict[str, Any],
+        settings: AppArgs,
         cf: DeploymentHandle | None = None,
         content: DeploymentHandle | None = None,
         blend: DeploymentHandle | None = None,
     ) -> None:
-        from pipeline.app import AppArgs
-
         with low_priority():
             limit_threads()
-            settings = AppArgs.model_validate(args)
             remote = None if cf is None or content is None or blend is None else RemoteStages(cf, content, blend)
             api = make_api(settings, remote, lambda version: RayRecorder(version, settings.topology))
             await api.start()

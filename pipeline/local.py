@@ -31,7 +31,7 @@ from models.cf import ALSModel
 from models.content import ContentModel, pick_device
 from models.errors import ConfigError, RecserveError
 from pipeline.api import Api, build_api
-from pipeline.app import PROJECT_ROOT, AppArgs
+from pipeline.args import PROJECT_ROOT, AppArgs
 from pipeline.eventlog import EventLog, rebuild_realtime
 from pipeline.events import EventWriter
 from pipeline.metrics import NullRecorder

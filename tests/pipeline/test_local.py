@@ -11,7 +11,7 @@ import pytest
 
 from models.errors import ConfigError
 from pipeline.api import build_api
-from pipeline.app import PROJECT_ROOT, AppArgs
+from pipeline.args import PROJECT_ROOT, AppArgs
 from pipeline.local import make_api, settings_from_config
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from pipeline.api import build_api
-from pipeline.app import AppArgs
+from pipeline.args import AppArgs
 from pipeline.local import make_api
 from pipeline.store import StoreSettings, materialize, open_store
 from tests.pipeline.conftest import catalog, manifest

@@ -13,7 +13,7 @@ import pytest
 
 from models.bundle import load_core
 from pipeline.api import build_api
-from pipeline.app import AppArgs
+from pipeline.args import AppArgs
 from pipeline.local import make_api
 from tests.conftest import recserve
 
