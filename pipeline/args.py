@@ -1,0 +1,45 @@
+"""The serve config's `args`, typed: what `build_app` and every Ingress replica are given."""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from chain.knobs import Knobs
+from models.bundle import resolve
+from pipeline.events import EventSettings
+from pipeline.store import StoreSettings
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class AppArgs(BaseModel):
+    """The serve config's `args`: validated when the app is built, so a bad config fails before deploying."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    topology: Literal["colocated", "distributed"] = "colocated"
+    bundle: Path | None = Field(None, description="bundle directory; default: the one <artifacts>/LATEST names")
+    artifacts: Path = Field(PROJECT_ROOT / "artifacts", description="relative paths resolve from the project root")
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    events: EventSettings = EventSettings()
+    knobs: Knobs = Field(Knobs(), description="initial runtime knobs; the Ingress's user_config overrides them")
+    max_body_bytes: int = Field(1_000_000, ge=1024, le=100_000_000)
+    ingress_replicas: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="colocated: ingress replicas when the serve config's Ingress sets no num_replicas; default one "
+        "per core of the node that builds the app (each holds the models; HAProxy balances over them)",
+    )
+    watch_store: bool = Field(
+        True, description="check the bundle's rows in Redis twice a second; restore them after a loss (one replica)"
+    )
+    stage_threads: int = Field(
+        0, ge=0, le=64, description="colocated: 0 runs the model stages inline; n > 0 on a pool of n threads"
+    )
+
+    def bundle_path(self) -> Path:
+        artifacts = self.artifacts if self.artifacts.is_absolute() else PROJECT_ROOT / self.artifacts
+        path = resolve(self.bundle, artifacts)
+        return (path if path.is_absolute() else PROJECT_ROOT / path).resolve()
