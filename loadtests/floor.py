@@ -102,6 +102,8 @@ defaults
     timeout http-request {b.timeout_client_s}s
     timeout http-keep-alive {b.timeout_client_s}s
     option http-no-delay
+    # as recserve serve adds to Ray's config (pipeline/haproxy_wrapper.sh)
+    option http-buffer-request
     option redispatch
     retry-on {b.retry_on}
     retries {b.retries}
