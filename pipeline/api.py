@@ -243,6 +243,9 @@ def _answer(request_id: str, exc: RecserveError) -> JSONResponse:
     return _error(request_id, status_for(exc), str(exc), field, headers or None)
 
 
+_JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
 def _validation_message(err: dict[str, Any]) -> tuple[str, str]:
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
     field = ".".join(loc) or "body"
@@ -257,7 +260,7 @@ def _validation_message(err: dict[str, Any]) -> tuple[str, str]:
             return field, "the body is empty: send a JSON object with Content-Type: application/json (see /docs)"
         return field, f"{field!r} is required"
     if field == "body" and kind in ("model_attributes_type", "dict_type", "model_type"):
-        got = type(err.get("input")).__name__
+        got = _JSON_TYPES.get(type(err.get("input")), "value")
         return field, f"the body is a JSON {got}, not an object: send a JSON object (see /docs)"
     if kind == "string_pattern_mismatch" and ctx.get("pattern") == NON_BLANK:
         return field, f"{field!r} is only whitespace: send the id"

@@ -166,6 +166,24 @@ def test_a_body_that_is_not_utf8_is_400_naming_body(url):
 
 
 @pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        (b"[1, 2]", 422, "the body is a JSON array, not an object: send a JSON object"),
+        (b'"12347"', 422, "the body is a JSON string, not an object"),
+        (b'{"user_id": "12347", "k": NaN}', 400, "the body holds NaN, which is not a JSON number"),
+        (b'{"user_id": "12347", "context": {"x": -Infinity}}', 400, "holds -Infinity"),
+        (b'{"user_id": "12347"', 400, "the body is not valid JSON (Expecting ',' delimiter at line 1 column 20)"),
+        (b'{"user_id": "12347", "context": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nested too deeply"),
+        (b"", 422, "the body is empty: send a JSON object"),
+    ],
+)
+def test_a_body_that_is_not_one_json_object_names_the_body(client, body, status, words):
+    r = client.post("/recommend", content=body, headers=JSON)
+    assert r.status_code == status and r.json()["field"] == "body", r.text[:300]
+    assert words in r.json()["error"] and r.json()["request_id"] == r.headers["x-request-id"]
+
+
+@pytest.mark.parametrize(
     ("body", "field"),
     [
         (b'{"user_id": "12347", "k": ' + b"7" * 4301 + b"}", "k"),
