@@ -74,13 +74,24 @@ def load_raw(path: Path) -> pd.DataFrame:
     return raw
 
 
+def normalize_item_id(code: str) -> str:
+    """normalize_stock_code: a stock code as cleaning writes it, trimmed and upper-case (' 85123a' -> '85123A'):
+    '85123a' and '85123A' are one product written two ways. Cleaning and every id a client sends go through it."""
+    return code.strip().upper()
+
+
+def normalize_user_id(user_id: str) -> str:
+    """A customer id as a client may send it, trimmed (' 12347 ' -> '12347'). The data's ids are integers written
+    as text, which cleaning never pads."""
+    return user_id.strip()
+
+
 def _normalise(raw: pd.DataFrame) -> pd.DataFrame:
     """Rename to our column names and give each column its type. Changes no values except casing of codes."""
     df = pd.DataFrame(
         {
             "invoice": raw["InvoiceNo"].astype("string"),
-            # normalize_stock_code: '85123a' and '85123A' are one product written two ways.
-            "item_id": raw["StockCode"].astype("string").str.strip().str.upper(),
+            "item_id": raw["StockCode"].astype("string").map(normalize_item_id, na_action="ignore").astype("string"),
             "description": raw["Description"].astype("string"),
             "quantity": raw["Quantity"].astype("int64"),
             "price": raw["UnitPrice"].astype("float64"),

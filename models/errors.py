@@ -68,3 +68,55 @@ class InvalidEventError(RecserveError):
         self.field = field
         where = f"events[{index}].{field}" if index is not None else field
         super().__init__(f"{where}: {message}")
+
+
+class RequestError(RecserveError):
+    """The HTTP edge refuses a request before any work; `field` names the part at fault (None: the whole request)
+    and `headers` are sent with the answer (Allow, Accept-Encoding, Connection)."""
+
+    def __init__(self, message: str, field: str | None = None, headers: dict[str, str] | None = None) -> None:
+        self.field = field
+        self.headers = headers or {}
+        super().__init__(message)
+
+
+class MalformedBodyError(RequestError):
+    """The body is not what its headers say: not UTF-8, not JSON, not gzip."""
+
+
+class InvalidRequestError(RequestError):
+    """The body is JSON but a field breaks the request's schema (type, range, unknown field)."""
+
+
+class IntegerTooLongError(RequestError):
+    """A JSON integer has more digits than Python reads (sys.get_int_max_str_digits, 4,300 by default)."""
+
+
+class BodyTooLargeError(RequestError):
+    """The body is over the size limit, as sent or once decoded."""
+
+
+class BodyTimeoutError(RequestError):
+    """The body did not arrive within the read deadline."""
+
+
+class UnsupportedMediaTypeError(RequestError):
+    """A Content-Type or Content-Encoding the service does not read."""
+
+
+class RouteNotFoundError(RequestError):
+    """No route has this path."""
+
+
+class MethodNotAllowedError(RequestError):
+    """The path exists, but not for this method."""
+
+
+class ItemNotFoundError(RequestError):
+    """The item is not in the bundle's catalog."""
+
+
+class OverloadedError(RequestError):
+    """The replica is at its in-flight limit; the caller may retry after a second."""
+
+    retryable = True

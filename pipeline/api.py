@@ -1,41 +1,60 @@
-"""The HTTP layer: routes, the one place errors become status codes, request ids and the body-size limit.
+"""The HTTP layer: routes, the one place errors become status codes, request ids, and the edge's reading of a body.
 
 `build_api` makes a FastAPI app whose routes call whatever `Api` the getter returns, so the same app serves
-inside a Ray Serve ingress replica or under plain uvicorn.
+inside a Ray Serve ingress replica or under plain uvicorn. Every answer that is not 2xx, the framework's own 404
+and 405 included, has the body `ErrorBody` ({request_id, error, field}), and its request_id is the X-Request-ID
+header's value.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import re
+import sys
 import time
 import uuid
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chain.recommend import Chain
 from chain.types import Item, Recommendation
 from chain.types import Query as ChainQuery
+from models.data import normalize_item_id
 from models.errors import (
+    BodyTimeoutError,
+    BodyTooLargeError,
     ConfigError,
     FeatureStoreError,
+    IntegerTooLongError,
     InvalidEventError,
+    InvalidRequestError,
+    ItemNotFoundError,
+    MalformedBodyError,
+    MethodNotAllowedError,
     NotMaterializedError,
+    OverloadedError,
     RecserveError,
+    RouteNotFoundError,
     StoreUnavailableError,
+    UnsupportedMediaTypeError,
     WriteConflictError,
 )
 from pipeline.eventlog import EventLog
 from pipeline.events import EventSettings, EventWriter, validate_events
 from pipeline.metrics import NullRecorder
 from pipeline.recovery import StoreWatch
+from pipeline.request_id import given_request_id, request_id_for
 from pipeline.schemas import (
+    NON_BLANK,
     ErrorBody,
     EventsAccepted,
     EventsRequest,
@@ -48,19 +67,30 @@ from pipeline.store import StoreSettings, require_redis
 
 log = logging.getLogger("recserve")
 
-# The one mapping from named errors to HTTP status codes.
+# The one mapping from named errors to HTTP status codes. Anything else that escapes a route is a 500.
 ERROR_STATUS: dict[type[RecserveError], int] = {
-    InvalidEventError: 422,
+    MalformedBodyError: 400,
     ConfigError: 400,
+    RouteNotFoundError: 404,
+    ItemNotFoundError: 404,
+    MethodNotAllowedError: 405,
+    BodyTimeoutError: 408,
+    BodyTooLargeError: 413,
+    UnsupportedMediaTypeError: 415,
+    InvalidRequestError: 422,
+    IntegerTooLongError: 422,
+    InvalidEventError: 422,
+    OverloadedError: 503,
     StoreUnavailableError: 503,
     WriteConflictError: 503,
     NotMaterializedError: 503,
     FeatureStoreError: 503,
 }
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 ROUTES = {"/recommend", "/events", "/healthz", "/readyz", "/docs", "/openapi.json"}
 # Routes that do model or store work; only these count towards, and are shed at, the in-flight limit.
 WORK_ROUTES = {"/recommend", "/events", "/items/similar"}
+# Content-Encoding a client may send; the edge decodes it before anything reads the body.
+DECODED = {"gzip", "x-gzip"}
 
 
 def status_for(exc: RecserveError) -> int:
@@ -166,6 +196,13 @@ def _items(items: list[Item]) -> list[ItemOut]:
     ]
 
 
+def _items(items: list[Item]) -> list[ItemOut]:
+    return [
+        ItemOut(item_id=i.item_id, description=i.description, score=i.score, sources=list(i.sources), reason=i.reason)
+        for i in items
+    ]
+
+
 def _error(
     request_id: str, status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
@@ -173,24 +210,150 @@ def _error(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def _answer(request_id: str, exc: RecserveError) -> JSONResponse:
+    """A named error as its status (ERROR_STATUS), its message and field, and its headers (Retry-After when the
+    caller may retry)."""
+    field = getattr(exc, "field", None)
+    headers = dict(getattr(exc, "headers", None) or {})
+    if getattr(exc, "retryable", False):
+        headers["Retry-After"] = "1"
+    return _error(request_id, status_for(exc), str(exc), field, headers or None)
+
+
+_JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
 def _validation_message(err: dict[str, Any]) -> tuple[str, str]:
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
     field = ".".join(loc) or "body"
     kind = err.get("type", "")
+    ctx = err.get("ctx", {})
     if kind == "json_invalid":
-        return (
-            "body",
-            f"the body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')}): send a JSON object",
-        )
+        return "body", f"the body is not valid JSON ({ctx.get('error', 'parse error')}): send a JSON object"
     if kind == "extra_forbidden":
         return field, f"{field!r} is not a field of this request: remove it (see /docs)"
     if kind == "missing":
+        if field == "body":
+            return field, "the body is empty: send a JSON object with Content-Type: application/json (see /docs)"
         return field, f"{field!r} is required"
-    return field, f"{field}: {err.get('msg', 'invalid')}"
+    if field == "body" and kind in ("model_attributes_type", "dict_type", "model_type"):
+        got = _JSON_TYPES.get(type(err.get("input")), "value")
+        return field, f"the body is a JSON {got}, not an object: send a JSON object (see /docs)"
+    if kind == "string_pattern_mismatch" and ctx.get("pattern") == NON_BLANK:
+        return field, f"{field!r} is only whitespace: send the id"
+    return field, f"{field}: {err.get('msg', 'invalid')} (see /docs)"
+
+
+class _LongInt:
+    """Stands in for an integer Python will not read (more digits than sys.get_int_max_str_digits)."""
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+
+def _path_to(value: Any, bad: Callable[[Any], bool]) -> list[str | int] | None:
+    """The path (keys and indexes) of the first value in a parsed JSON document for which `bad` holds."""
+    stack: list[tuple[Any, list[str | int]]] = [(value, [])]
+    while stack:  # iterative: a deep document must not hit the recursion limit here
+        node, path = stack.pop()
+        if bad(node):
+            return path
+        if isinstance(node, dict):
+            stack.extend((child, [*path, key]) for key, child in reversed(node.items()))
+        elif isinstance(node, list):
+            stack.extend((node[i], [*path, i]) for i in reversed(range(len(node))))
+    return None
+
+
+def parse_json(body: bytes) -> Any:
+    """A request body read as JSON, as strictly as the API promises: UTF-8 text holding one JSON document.
+
+    Raises MalformedBodyError (400, field `body`) for bytes that are not UTF-8, text that is not JSON, NaN or
+    Infinity, or nesting too deep to read; IntegerTooLongError (422, naming the field) for an integer of more
+    digits than Python reads. (Half a surrogate pair in a string is the schema's to refuse: pydantic does.)"""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedBodyError(
+            f"the body is not UTF-8: byte {exc.start} is 0x{body[exc.start]:02x}: send JSON encoded as UTF-8", "body"
+        ) from None
+    long_ints: list[_LongInt] = []
+
+    def parse_int(digits: str) -> Any:
+        try:
+            return int(digits)
+        except ValueError:  # longer than sys.get_int_max_str_digits: keep its place, to name the field below
+            long_ints.append(_LongInt(len(digits.lstrip("-"))))
+            return long_ints[-1]
+
+    def parse_constant(name: str) -> Any:
+        raise MalformedBodyError(f"the body holds {name}, which is not a JSON number: send a number", "body")
+
+    try:
+        value = json.loads(text, parse_int=parse_int, parse_constant=parse_constant)
+    except json.JSONDecodeError as exc:
+        raise MalformedBodyError(
+            f"the body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}): send a JSON object",
+            "body",
+        ) from None
+    except RecursionError:
+        raise MalformedBodyError("the body is nested too deeply to read: send a flatter JSON object", "body") from None
+    if long_ints:
+        path = _path_to(value, lambda v: isinstance(v, _LongInt)) or []
+        field = ".".join(map(str, path)) or "body"
+        raise IntegerTooLongError(
+            f"{field}: an integer of {long_ints[0].digits} digits is longer than the {sys.get_int_max_str_digits()} "
+            "digits this service reads: send a value in the field's range (see /docs)",
+            field,
+        )
+    return value
+
+
+def _is_json(content_type: str) -> bool:
+    kind = content_type.partition(";")[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
+class _JsonRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = parse_json(await self.body())
+        return self._json
+
+
+class _JsonRoute(APIRoute):
+    """A route that reads its JSON body with `parse_json` before FastAPI does, so that each way a body can be
+    unreadable gets its own named error; FastAPI answers every one of them with the same generic 400."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        if self.body_field is None:
+            return handler
+
+        async def read_first(request: Request) -> Response:
+            request = _JsonRequest(request.scope, request.receive)
+            if await request.body():
+                kind = request.headers.get("content-type", "")
+                if not _is_json(kind):
+                    raise UnsupportedMediaTypeError(
+                        f"the body's Content-Type is {kind or 'missing'}: send JSON with Content-Type: "
+                        "application/json",
+                        "Content-Type",
+                    )
+                await request.json()  # parsed once, here; FastAPI reads the same value
+            return await handler(request)
+
+        return read_first
 
 
 class Edge:
-    """Pure ASGI middleware: request ids, the body-size limit (413), load shedding (503) and request metrics.
+    """Pure ASGI middleware in front of every route: request ids, reading the body (size limit 413, read deadline
+    408, gzip decoded, other encodings 415), load shedding (503) and request metrics.
+
+    The edge reads the whole body before the app sees the request, and a request counts against the in-flight
+    limit only from then on, so half-sent uploads never crowd out callers whose requests have arrived. Each body
+    must arrive within `body_timeout_s` of its headers (a slow or stalled sender gets 408 and the connection
+    closed).
 
     Shedding: past `max_in_flight` requests in this replica, a new one is answered 503 with Retry-After before
     any work. Each admitted request then waits behind at most that many, so overload costs some callers a fast
@@ -199,110 +362,233 @@ class Edge:
     def __init__(
         self,
         app: Any,
-        max_body_bytes: int,
+        max_body_bytes: Callable[[], int],
         recorder: Callable[[], Any],
         set_header: bool,
         max_in_flight: Callable[[], int],
+        body_timeout_s: Callable[[], float],
     ) -> None:
         self.app = app
-        self.max_body = max_body_bytes
+        self.max_body_bytes = max_body_bytes
         self.recorder = recorder
         self.set_header = set_header
         self.max_in_flight = max_in_flight
+        self.body_timeout_s = body_timeout_s
         self.in_flight = 0
+
+    def request_id(self, headers: Any) -> str:
+        given = given_request_id(headers)
+        if not self.set_header and given:
+            # Behind Serve, whose middleware echoes exactly this value on the response (request_id.py): the body
+            # must carry the same, valid or not. Serve's RequestIdGate has already replaced an invalid one.
+            return given
+        return request_id_for(given)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        given = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), "")
-        rid = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        rid = self.request_id(scope["headers"])
         scope.setdefault("state", {})["request_id"] = rid
-        status = {"code": 500}
+        status = {"code": 500, "started": False}
         path = scope.get("path", "")
         route = path if path in ROUTES else ("/items/similar" if path.startswith("/items/") else "other")
 
         async def send_with_id(message: dict) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status["code"], status["started"] = message["status"], True
                 if self.set_header:
-                    message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                    # The one X-Request-ID: ours replaces any other.
+                    kept = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                    message["headers"] = [*kept, (b"x-request-id", rid.encode())]
             await send(message)
 
-        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-        work = route in WORK_ROUTES
-        if work and self.in_flight >= (limit := self.max_in_flight()):
-            await _error(
-                rid,
-                503,
-                f"the service is at capacity ({limit} requests in flight in this replica): retry after 1 s",
-                headers={"Retry-After": "1"},
-            )(scope, receive, send_with_id)
-        elif length is not None and length.isdigit() and int(length) > self.max_body:
-            await _error(rid, 413, f"the body is {int(length)} bytes; the limit is {self.max_body}: send less", "body")(
-                scope, receive, send_with_id
-            )
+        try:
+            body = await self.read_body(scope, receive)
+        except RecserveError as exc:
+            # The rest of the body may still be on its way: close the connection after the answer.
+            response = _answer(rid, exc)
+            response.headers["Connection"] = "close"
+            await response(scope, receive, send_with_id)
         else:
-            received = 0
+            if body is None:
+                status["code"] = 499  # the client left before its body arrived; nobody to answer
+            else:
+                await self.admit(scope, body, receive, send_with_id, route in WORK_ROUTES, rid, status)
+        try:
+            recorder = self.recorder()
+        except Exception:  # no Api yet (a replica still starting): nothing to record into
+            return
+        recorder.request(route, status["code"], (time.perf_counter() - started) * 1000)
 
-            async def counted() -> dict:
-                nonlocal received
-                message = await receive()
-                received += len(message.get("body", b""))
-                if received > self.max_body:
-                    raise _TooLarge
-                return message
+    async def admit(
+        self, scope: dict, body: bytes, receive: Callable, send: Callable, work: bool, rid: str, status: dict
+    ) -> None:
+        delivered = False
 
+        async def replay() -> dict:
+            # The body as one message; after it, the server's own receive (which reports a disconnect).
+            nonlocal delivered
+            if delivered:
+                return await receive()
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            if work and self.in_flight >= (limit := self.max_in_flight()):
+                over = f"the service is at capacity ({limit} requests in flight in this replica): retry after 1 s"
+                await _answer(rid, OverloadedError(over))(scope, receive, send)
+                return
             self.in_flight += work
             try:
-                await self.app(scope, counted, send_with_id)
-            except _TooLarge:
-                await _error(rid, 413, f"the body exceeds {self.max_body} bytes: send less", "body")(
-                    scope, receive, send_with_id
-                )
+                await self.app(scope, replay, send)
             finally:
                 self.in_flight -= work
-        self.recorder().request(route, status["code"], (time.perf_counter() - started) * 1000)
+        except Exception:
+            if status["started"]:
+                raise
+            log.exception("request %s failed", rid)
+            await _error(
+                rid, 500, f"internal error: retry; if it persists, report request_id {rid} (the service logs it)"
+            )(scope, receive, send)
+
+    async def read_body(self, scope: dict, receive: Callable) -> bytes | None:
+        """The whole body, decoded; None when the client disconnected first. Raises BodyTooLargeError,
+        BodyTimeoutError, UnsupportedMediaTypeError or MalformedBodyError."""
+        headers = scope["headers"]
+        limit, timeout = self.max_body_bytes(), self.body_timeout_s()
+        length = next((v for k, v in headers if k == b"content-length"), None)
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise BodyTooLargeError(f"the body is {int(length)} bytes; the limit is {limit}: send less", "body")
+        coding = b",".join(v for k, v in headers if k == b"content-encoding").decode("latin-1")
+        codings = [c.strip().lower() for c in coding.split(",") if c.strip().lower() not in ("", "identity")]
+        if codings and (len(codings) > 1 or codings[0] not in DECODED):
+            raise UnsupportedMediaTypeError(
+                f"Content-Encoding {coding.strip()!r} is not supported: send the body as it is, or gzip-compressed "
+                "with Content-Encoding: gzip",
+                "Content-Encoding",
+                {"Accept-Encoding": "gzip"},
+            )
+        chunks: list[bytes] = []
+        received = 0
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None
+                    chunk = message.get("body", b"")
+                    received += len(chunk)
+                    if received > limit:
+                        raise BodyTooLargeError(f"the body exceeds {limit} bytes, the limit: send less", "body")
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            expected = f"of {int(length)} " if length is not None and length.isdigit() else ""
+            raise BodyTimeoutError(
+                f"the body did not arrive within {timeout:g} s ({received} bytes {expected}came): "
+                "send the whole request at once, then retry",
+                "body",
+            ) from None
+        body = b"".join(chunks)
+        if codings:
+            body = gunzip(body, limit)
+            # What the app sees is the decoded body, so it must not be told of the encoding or the old length.
+            scope["headers"] = [
+                *((k, v) for k, v in headers if k not in (b"content-encoding", b"content-length")),
+                (b"content-length", str(len(body)).encode()),
+            ]
+        return body
 
 
-class _TooLarge(Exception):
-    pass
+def gunzip(data: bytes, limit: int) -> bytes:
+    """A gzip body decoded, each member in turn, to at most the body limit (so a small bomb cannot grow)."""
+    out: list[bytes] = []
+    size = 0
+    while data:
+        d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        try:
+            part = d.decompress(data, limit + 1 - size)
+        except zlib.error as exc:
+            raise MalformedBodyError(
+                f"Content-Encoding is gzip, but the body is not gzip data ({exc}): compress it with gzip, or "
+                "send it as it is without the header",
+                "body",
+            ) from None
+        size += len(part)
+        if size > limit or d.unconsumed_tail:
+            raise BodyTooLargeError(f"the body decodes to over {limit} bytes, the limit: send less", "body")
+        if not d.eof:
+            raise MalformedBodyError(
+                "Content-Encoding is gzip, but the gzip data ends early: send the whole compressed body", "body"
+            )
+        out.append(part)
+        data = d.unused_data
+    return b"".join(out)
 
 
 def build_api(
     get: Callable[[], Api],
-    max_body_bytes: int = 1_000_000,
+    max_body_bytes: int | Callable[[], int] = 1_000_000,
     set_request_id: bool = True,
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
+    body_timeout_s: float | Callable[[], float] = 5.0,
 ) -> FastAPI:
-    """`set_request_id=False` behind Ray Serve: its proxy already echoes the caller's X-Request-ID (or makes one)
-    on every response, and passes it in, so the body's request_id matches the header."""
+    """`max_body_bytes` bounds a body as sent and as decoded (413); `body_timeout_s` is the read deadline for a
+    body, from its headers (408). Either may be a getter, read per request (a Serve ingress learns its args only
+    once its replica starts). `set_request_id=False` behind Ray Serve: its middleware sets X-Request-ID on every
+    response, and the app answers with the same value (pipeline/request_id.py)."""
     app = FastAPI(
         lifespan=lifespan,
         title="recserve",
         version="1",
-        description="Ensemble recommendations (implicit ALS, MiniLM content, LightGBM LambdaRank) over Feast on Redis.",
+        description="Ensemble recommendations (implicit ALS, MiniLM content, LightGBM LambdaRank) over Feast on Redis. "
+        "Every answer that is not 2xx has the body {request_id, error, field}. Bodies are JSON in UTF-8, at most "
+        "max_body_bytes (1 MB by default), as sent or gzip-compressed (Content-Encoding: gzip).",
     )
+    app.router.route_class = _JsonRoute
+    # Every status the edge or a route can answer besides 2xx, each in the one shape.
+    errors: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorBody} for code in (400, 404, 405, 408, 413, 415, 422, 500, 503)
+    }
 
     def rid(request: Request) -> str:
         return request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex
 
+    def routes() -> str:
+        return ", ".join(
+            f"{method} {r.path}" for r in app.routes if isinstance(r, APIRoute) for method in sorted(r.methods)
+        )
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        field, message = _validation_message(errors[0]) if errors else ("body", "invalid request")
-        status = 400 if errors and errors[0].get("type") == "json_invalid" else 422
-        return _error(rid(request), status, message, field)
+        errs = exc.errors()
+        field, message = _validation_message(errs[0]) if errs else ("body", "invalid request (see /docs)")
+        if errs and errs[0].get("type") == "json_invalid":
+            return _answer(rid(request), MalformedBodyError(message, field))
+        return _answer(rid(request), InvalidRequestError(message, field))
 
     @app.exception_handler(RecserveError)
     async def named(request: Request, exc: RecserveError) -> JSONResponse:
-        status = status_for(exc)
-        field = exc.field if isinstance(exc, InvalidEventError) else None
-        headers = {"Retry-After": "1"} if getattr(exc, "retryable", False) else None
-        return _error(rid(request), status, str(exc), field, headers)
+        return _answer(rid(request), exc)
 
-    @app.post("/recommend", response_model=RecommendResponse, responses={422: {"model": ErrorBody}})
+    @app.exception_handler(StarletteHTTPException)
+    async def framework(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # The router's own answers (no route, wrong method), in the service's shape and with the way out.
+        method, path = request.method, request.url.path
+        if exc.status_code == 404:
+            return _answer(rid(request), RouteNotFoundError(f"no route {path!r}: the routes are {routes()}, /docs"))
+        if exc.status_code == 405:
+            allow = (exc.headers or {}).get("Allow", "")
+            return _answer(
+                rid(request),
+                MethodNotAllowedError(f"{path} takes {allow}, not {method}: send {allow}", headers={"Allow": allow}),
+            )
+        return _error(rid(request), exc.status_code, f"{exc.detail}: see /docs", headers=exc.headers)
+
+    @app.post("/recommend", response_model=RecommendResponse, responses=errors)
     async def recommend(body: RecommendRequest, request: Request) -> RecommendResponse:
         r = await get().recommend(body)
         return RecommendResponse(
@@ -315,44 +601,45 @@ def build_api(
             timings_ms=r.timings_ms,
         )
 
-    @app.post(
-        "/events",
-        status_code=202,
-        response_model=EventsAccepted,
-        responses={422: {"model": ErrorBody}, 503: {"model": ErrorBody}},
-    )
+    @app.post("/events", status_code=202, response_model=EventsAccepted, responses=errors)
     async def events(body: EventsRequest, request: Request) -> EventsAccepted:
         return EventsAccepted(request_id=rid(request), accepted=get().events(body.events))
 
-    @app.get("/items/{item_id}/similar", response_model=SimilarResponse, responses={404: {"model": ErrorBody}})
+    @app.get("/items/{item_id}/similar", response_model=SimilarResponse, responses=errors)
     async def similar(item_id: str, request: Request, k: int = Query(10, ge=1, le=100)) -> Any:
         api = get()
+        item_id = normalize_item_id(item_id)
         found = await api.chain.similar(item_id, k)
         if found is None:
-            return _error(
-                rid(request),
-                404,
-                f"item {item_id!r} is not in the catalog of bundle {api.chain.core.version}",
+            raise ItemNotFoundError(
+                f"item {item_id!r} is not in the catalog of bundle {api.chain.core.version}: send a stock code "
+                "of the catalog",
                 "item_id",
             )
         return SimilarResponse(
             request_id=rid(request), item_id=item_id, model_version=api.chain.core.version, items=_items(found)
         )
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses=errors)
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses=errors)
     async def readyz(request: Request) -> JSONResponse:
         ok, detail = await get().ready()
-        return JSONResponse({"ready": ok, **detail}, status_code=200 if ok else 503)
+        if ok:
+            return JSONResponse({"ready": True, **detail})
+        # The one error shape, with the readiness detail beside it for probes and people.
+        reason = ", ".join(f"{k}: {detail[k]}" for k in ("feature_store", "redis") if k in detail) or "not ready"
+        body = ErrorBody(request_id=rid(request), error=f"not ready ({reason}): see /readyz's detail; retry later")
+        return JSONResponse({**body.model_dump(), "ready": False, **detail}, status_code=503)
 
     app.add_middleware(
         Edge,
-        max_body_bytes=max_body_bytes,
+        max_body_bytes=max_body_bytes if callable(max_body_bytes) else lambda: max_body_bytes,
         recorder=lambda: get().recorder,
         set_header=set_request_id,
         max_in_flight=lambda: get().chain.knobs.max_in_flight,
+        body_timeout_s=body_timeout_s if callable(body_timeout_s) else lambda: body_timeout_s,
     )
     return app

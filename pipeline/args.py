@@ -24,7 +24,12 @@ class AppArgs(BaseModel):
     store: StoreSettings = Field(default_factory=StoreSettings)
     events: EventSettings = EventSettings()
     knobs: Knobs = Field(Knobs(), description="initial runtime knobs; the Ingress's user_config overrides them")
-    max_body_bytes: int = Field(1_000_000, ge=1024, le=100_000_000)
+    max_body_bytes: int = Field(
+        1_000_000, ge=1024, le=100_000_000, description="a request body's limit, as sent and once decoded (413)"
+    )
+    body_timeout_s: float = Field(
+        5.0, gt=0, le=300, description="a request's body must arrive within this long of its headers, else 408"
+    )
     ingress_replicas: int | None = Field(
         None,
         ge=1,

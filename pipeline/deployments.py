@@ -110,6 +110,9 @@ class _Current:
     """The replica's Api, for the module-level FastAPI app's routes."""
 
     api: Api | None = None
+    # The app's edge limits from the replica's args (AppArgs), read per request; defaults until the replica starts.
+    max_body_bytes: int = 1_000_000
+    body_timeout_s: float = 5.0
 
     @classmethod
     def get(cls) -> Api:
@@ -118,7 +121,12 @@ class _Current:
         return cls.api
 
 
-fastapi_app = build_api(_Current.get, set_request_id=False)
+fastapi_app = build_api(
+    _Current.get,
+    set_request_id=False,
+    max_body_bytes=lambda: _Current.max_body_bytes,
+    body_timeout_s=lambda: _Current.body_timeout_s,
+)
 
 
 @serve.deployment(max_ongoing_requests=64)
@@ -135,6 +143,7 @@ class Ingress:
     ) -> None:
         with low_priority():
             limit_threads()
+            _Current.max_body_bytes, _Current.body_timeout_s = settings.max_body_bytes, settings.body_timeout_s
             remote = None if cf is None or content is None or blend is None else RemoteStages(cf, content, blend)
             api = make_api(settings, remote, lambda version: RayRecorder(version, settings.topology))
             await api.start()

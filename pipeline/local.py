@@ -138,7 +138,12 @@ def main() -> int:
         yield
         await api.stop()
 
-    app = build_api(lambda: api, lifespan=lifespan)
+    app = build_api(
+        lambda: api,
+        max_body_bytes=settings.max_body_bytes,
+        lifespan=lifespan,
+        body_timeout_s=settings.body_timeout_s,
+    )
     freeze_heap()
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0

@@ -1,22 +1,50 @@
-"""The HTTP API's request and response bodies. Unknown fields are refused, so a typo never passes silently."""
+"""The HTTP API's request and response bodies. Unknown fields are refused, so a typo never passes silently.
+
+Ids from clients are checked as sent (the OpenAPI schema says exactly what is refused), then normalized the way
+the data is cleaned (models/data.py): `' 85123a'` is product 85123A in `exclude`, in events and in
+`/items/{item_id}/similar`.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import datetime as dt
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, field_validator
+
+from models.data import normalize_item_id, normalize_user_id
+from models.realtime import EventType
+
+# At least one character that is not whitespace: an id of blanks is empty once trimmed. The models use Python's
+# regex engine, so `\S` means what str.strip means by whitespace (Rust's engine, pydantic's default, counts a few
+# control characters differently), which is also what the schema's fuzzers generate against.
+NON_BLANK = r"\S"
+
+UserId = Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=NON_BLANK), AfterValidator(normalize_user_id)]
+ItemId = Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=NON_BLANK), AfterValidator(normalize_item_id)]
+
+
+def _whole(value: Any) -> Any:
+    # JSON Schema counts 1.0 as an integer; pydantic's strict int does not. Strings and booleans stay refused.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# Excluded ids are only compared, so any string is allowed; normalized like every other item id.
+ExcludedId = Annotated[StrictStr, AfterValidator(normalize_item_id)]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", regex_engine="python-re")
 
 
 class RecommendRequest(_Body):
-    user_id: StrictStr = Field(
-        min_length=1, max_length=64, description="CustomerID as text; any other id is a new user", examples=["12347"]
+    user_id: UserId = Field(description="CustomerID as text (trimmed); any other id is a new user", examples=["12347"])
+    k: Annotated[int, BeforeValidator(_whole)] = Field(
+        10, ge=1, le=100, strict=True, description="how many items to return"
     )
-    k: int = Field(10, ge=1, le=100, strict=True, description="how many items to return")
-    exclude: list[StrictStr] = Field(default_factory=list, max_length=1000, examples=[["85123A"]])
+    exclude: list[ExcludedId] = Field(
+        default_factory=list, max_length=1000, description="item ids never to return", examples=[["85123A"]]
+    )
     query: StrictStr | None = Field(None, max_length=200, description="free text that steers the content model")
     context: dict[str, Any] = Field(
         default_factory=dict, description="caller context (page, device, ...); accepted, not yet used by the models"
@@ -24,6 +52,7 @@ class RecommendRequest(_Body):
 
     model_config = ConfigDict(
         extra="forbid",
+        regex_engine="python-re",
         json_schema_extra={"examples": [{"user_id": "12347", "k": 10, "exclude": ["85123A"]}]},
     )
 
@@ -46,27 +75,59 @@ class RecommendResponse(BaseModel):
     timings_ms: dict[str, float]
 
 
+class Event(BaseModel):
+    """One event as a client sends it; pipeline.events checks a batch of them one by one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, regex_engine="python-re")
+
+    user_id: UserId = Field(examples=["12347"])
+    item_id: ItemId = Field(examples=["85123A"])
+    event_type: EventType = Field(examples=["view"])
+    timestamp: dt.datetime | None = Field(None, description="ISO 8601; UTC when no zone is given; default: now")
+    event_id: StrictStr | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="the client's id for this event: a repeat within the retention window (24 h by default) is "
+        "accepted and counted once, so a batch can be retried safely; ids are per user",
+        examples=["3f1c9a4e-view-1"],
+    )
+
+    @field_validator("timestamp", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        # pydantic would also take a number as Unix time; the API says ISO 8601 text, and a number is more likely
+        # milliseconds sent by mistake than seconds.
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"must be ISO 8601 text such as 2026-11-29T12:00:00Z, got {type(value).__name__}")
+        return value
+
+
 class EventsRequest(_Body):
-    # Items are checked one by one by pipeline.events, so the error can name the event's index and field.
+    # Items are checked one by one by pipeline.events, so the error can name the event's index and field; the
+    # schema still shows each item's shape.
     events: list[Any] = Field(
-        description="[{user_id, item_id, event_type: view|add_to_cart|purchase, timestamp?}]",
-        examples=[[{"user_id": "12347", "item_id": "85123A", "event_type": "view"}]],
+        description="[{user_id, item_id, event_type: view|add_to_cart|purchase, timestamp?, event_id?}]",
+        examples=[[{"user_id": "12347", "item_id": "85123A", "event_type": "view", "event_id": "3f1c9a4e-view-1"}]],
+        json_schema_extra={"items": Event.model_json_schema(), "minItems": 1},
     )
 
 
 class EventsAccepted(BaseModel):
     request_id: str
-    accepted: int
+    accepted: int = Field(description="events accepted, repeats of an event_id included (each is stored once)")
 
 
 class SimilarResponse(BaseModel):
     request_id: str
-    item_id: str
+    item_id: str = Field(description="the item asked about, normalized (trimmed, upper-case)")
     model_version: str
     items: list[ItemOut]
 
 
 class ErrorBody(BaseModel):
-    request_id: str
+    """Every answer that is not 2xx."""
+
+    request_id: str = Field(description="the same value as the X-Request-ID response header")
     error: str = Field(description="what failed and how to fix it")
-    field: str | None = Field(None, description="the request field at fault")
+    field: str | None = Field(None, description="the request field (or header) at fault; null: the whole request")

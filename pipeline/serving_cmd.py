@@ -33,7 +33,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from models.errors import ConfigError, RecserveError
 
-BASE_ENV = {"OPENBLAS_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+BASE_ENV = {
+    "OPENBLAS_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    # In front of Serve's request-id middleware on every HTTP server Serve starts (proxy, direct ingress): a
+    # caller's invalid X-Request-ID is replaced on the request, so the id Serve echoes is the one the app answers
+    # with (pipeline/request_id.py).
+    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "pipeline.request_id:serve_middlewares",
+}
 # Throughput-optimized Serve (direct ingress, user code on the replica's main loop, GC frozen), and a controller that
 # polls less often (its idle CPU fell from ~45 to ~10 ms/s). See docs/benchmarks.md and the 2-core notes.
 TUNED_ENV = {**BASE_ENV, "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}

@@ -130,6 +130,9 @@ def wait_for(predicate, timeout_s: float, what: str) -> float:
     return time.monotonic() - began
 
 
+JSON = {"Content-Type": "application/json"}
+
+
 def recommend(client: httpx.Client, **body) -> httpx.Response:
     return client.post("/recommend", json=body)
 
@@ -208,6 +211,30 @@ def test_bad_input_is_a_4xx_naming_the_field(app, content, status, field):
     r = client.post("/recommend", content=content, headers={"Content-Type": "application/json"})
     assert r.status_code == status, r.text[:300]
     assert r.json()["field"] == field
+
+
+def test_through_serve_the_edge_answers_in_one_shape_with_one_request_id(app):
+    """Serve's own middleware echoes the request's X-Request-ID after the app answers; the gate recserve serve
+    installs in front of it makes an invalid one valid, so header and body agree, errors included."""
+    client = app.client
+    for method, path, kw in [
+        ("POST", "/recommend", {"json": {"user_id": "12347", "k": 2}}),
+        ("GET", "/nope", {}),
+        ("GET", "/recommend", {}),
+        ("POST", "/recommend", {"content": b'{"user_id":"12\xff47","k":3}', "headers": JSON}),
+    ]:
+        headers = {"X-Request-ID": "has spaces in it", **kw.pop("headers", {})}
+        r = client.request(method, path, headers=headers, **kw)
+        (rid,) = r.headers.get_list("x-request-id")
+        assert rid != "has spaces in it" and r.json()["request_id"] == rid, (path, r.status_code, r.text[:300])
+        assert r.status_code == 200 or set(r.json()) == {"request_id", "error", "field"}, r.text[:300]
+
+    def chunks():
+        for _ in range(20):
+            yield b"x" * 100_000
+
+    big = client.post("/recommend", content=chunks(), headers=JSON)  # chunked: no Content-Length
+    assert big.status_code == 413 and big.json()["field"] == "body", big.text[:300]
 
 
 def test_metrics_show_the_stage_histograms_after_traffic(app):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 
 import pandas as pd
 import pytest
@@ -13,8 +14,16 @@ from feature_repo import definitions as defs
 from models.errors import StoreUnavailableError, WriteConflictError
 from models.features import EVENT_TIMESTAMP, USER_KEY
 from models.realtime import EVENT_TYPES, Realtime
-from pipeline.events import EventSettings, EventWriter, validate_events
-from pipeline.store import StoreSettings, entity_key
+from pipeline.events import (
+    EventIds,
+    EventSettings,
+    EventWriter,
+    WriteResult,
+    event_id_key,
+    event_ids_pending_key,
+    validate_events,
+)
+from pipeline.store import StoreSettings, entity_key, read_realtime
 from tests.pipeline.conftest import catalog
 
 pytestmark = pytest.mark.integration
@@ -143,3 +152,91 @@ def test_a_lock_held_too_long_is_a_retryable_conflict(feature_store, store_setti
         assert info.value.retryable
     finally:
         client.delete(key)
+
+
+def events_for(user: str, items: list[str], *event_ids: str | None) -> list[dict]:
+    return [
+        {"user_id": user, "item_id": items[n % len(items)], "event_type": "view"}
+        | ({"event_id": e} if e is not None else {})
+        for n, e in enumerate(event_ids)
+    ]
+
+
+def write(writer: EventWriter, user: str, items: list[str], *event_ids: str | None) -> WriteResult:
+    """One event per id (None: an event without one), validated and written."""
+    return writer.write(validate_events(events_for(user, items, *event_ids), set(items), writer.settings))
+
+
+def count(slice_online, user: str) -> int:
+    return slice_online.user(user).realtime.event_count
+
+
+def test_a_repeated_event_id_is_accepted_and_stored_once(writer, slice_online, items):
+    user = "idempotent-user"
+    first = write(writer, user, items, "a", "b")
+    assert (first.accepted, first.repeats) == (2, 0) and count(slice_online, user) == 2
+    again = write(writer, user, items, "a", "b")  # the client's retry of a batch whose answer it never got
+    assert (again.accepted, again.repeats) == (2, 2) and count(slice_online, user) == 2
+    mixed = write(
+        writer, user, items, "b", "c", "c", None, None
+    )  # a repeat, a new id twice in one batch, two events without ids
+    assert (mixed.accepted, mixed.repeats) == (5, 2) and count(slice_online, user) == 5
+    other = write(writer, "another-user", items, "a")
+    assert other.repeats == 0 and count(slice_online, "another-user") == 1  # ids are per user
+
+
+def test_an_event_id_is_kept_for_the_retention_window_with_its_rows_stamp(
+    feature_store, store_settings, slice_online, items
+):
+    writer = EventWriter(feature_store, store_settings, EventSettings(event_id_retention_s=1))
+    user = "short-memory-user"
+    write(writer, user, items, "once")
+    client = store_settings.client()
+    key = event_id_key(store_settings.project, user, "once")
+    assert 0 < client.pttl(key) <= 1000
+    stored_ns = read_realtime(client, store_settings.project, [user])[user][1]
+    assert int(client.get(key)) == stored_ns  # the stamp Feast stored for the row that carried the event
+    assert not client.exists(event_ids_pending_key(store_settings.project, user))
+    assert write(writer, user, items, "once").repeats == 1
+    time.sleep(1.1)
+    assert write(writer, user, items, "once").repeats == 0
+    assert count(slice_online, user) == 2  # past the window the id is forgotten, and the event counts again
+
+
+def test_a_retry_after_a_writer_died_before_its_push_stores_the_events(writer, store_settings, slice_online, items):
+    """What a writer leaves when it dies between recording its ids and pushing its row: the ids, noted as pending,
+    with a stamp newer than the stored row. The retry must store the events."""
+    user = "died-before-push"
+    write(writer, user, items, None)
+    client = store_settings.client()
+    stored_ns = read_realtime(client, store_settings.project, [user])[user][1]
+    EventIds(client, store_settings.project, 60).record({user: (stored_ns + 1_000_000, ["lost-1"])})
+    retry = write(writer, user, items, "lost-1")
+    assert retry.repeats == 0 and count(slice_online, user) == 2
+    assert not client.exists(event_ids_pending_key(store_settings.project, user))
+    assert write(writer, user, items, "lost-1").repeats == 1
+
+
+def test_a_retry_after_a_writer_died_after_its_push_counts_nothing_twice(writer, store_settings, slice_online, items):
+    """The writer died after its row landed, before it removed its pending note: the retry is a repeat."""
+    user = "died-after-push"
+    write(writer, user, items, "landed-1")
+    client = store_settings.client()
+    stored_ns = read_realtime(client, store_settings.project, [user])[user][1]
+    EventIds(client, store_settings.project, 60).record({user: (stored_ns, ["landed-1"])})  # the note it left
+    retry = write(writer, user, items, "landed-1")
+    assert retry.repeats == 1 and count(slice_online, user) == 1
+
+
+def test_the_next_write_settles_a_dead_writers_ids_even_when_a_later_write_lands_first(
+    writer, store_settings, slice_online, items
+):
+    """A write without ids lands between the crash and the client's retry: its newer row must not make the dead
+    writer's ids look stored."""
+    user = "settled-by-next-write"
+    client = store_settings.client()
+    EventIds(client, store_settings.project, 60).record({user: (1, ["lost-2"])})  # no row yet: stored stamp is 0
+    write(writer, user, items, None)
+    assert not client.exists(event_id_key(store_settings.project, user, "lost-2"))
+    retry = write(writer, user, items, "lost-2")
+    assert retry.repeats == 0 and count(slice_online, user) == 2

@@ -58,3 +58,32 @@ def test_a_timestamp_within_five_minutes_ahead_is_clock_skew_and_accepted():
 def test_new_items_pass_when_the_deployment_allows_them():
     (event,) = check([{**GOOD, "item_id": "99999Z"}], EventSettings(allow_new_items=True))
     assert event.item_id == "99999Z"
+
+
+def test_ids_are_normalized_as_the_data_is_cleaned():
+    (event,) = check([{**GOOD, "user_id": " 12347\t", "item_id": " 85123a "}])
+    assert (event.user_id, event.item_id) == ("12347", "85123A")  # and so found in the catalog
+
+
+@pytest.mark.parametrize(
+    ("raw", "where", "words"),
+    [
+        ([{**GOOD, "user_id": "  "}], "events[0].user_id", "is only whitespace: send the id"),
+        ([{**GOOD, "item_id": "\n"}], "events[0].item_id", "is only whitespace"),
+        ([{**GOOD, "user_id": " " * 60 + "1234567"}], "events[0].user_id", "at most 64 characters"),  # as sent
+        ([{**GOOD, "event_id": ""}], "events[0].event_id", "at least 1 character"),
+        ([{**GOOD, "event_id": "e" * 129}], "events[0].event_id", "at most 128 characters"),
+        ([{**GOOD, "event_id": 7}], "events[0].event_id", "must be a string"),
+        ([{**GOOD, "timestamp": 1764417600}], "events[0].timestamp", "must be ISO 8601 text"),
+        ([{**GOOD, "id": "e1"}], "events[0].id", "optionally timestamp and event_id"),
+    ],
+)
+def test_bad_ids_and_timestamps_name_the_event_and_field(raw, where, words):
+    with pytest.raises(InvalidEventError) as info:
+        check(raw)
+    assert str(info.value).startswith(f"{where}: ") and words in str(info.value)
+
+
+def test_an_event_id_is_kept_as_sent():
+    (event,) = check([{**GOOD, "event_id": " Retry-Me:1 "}])
+    assert event.event_id == " Retry-Me:1 "  # opaque: compared exactly, never normalized
