@@ -1,8 +1,8 @@
 """What the chain needs from outside, as protocols: a feature store, the model stages, a metrics recorder.
 
-Implementations: the Redis online store (pipeline/store.py `OnlineFeatures`) or the bundle's own features
+Implementations: the Redis online store (pipeline/featurestore/store.py `OnlineFeatures`) or the bundle's own features
 (`context.BundleFeatures`); the stages in-process (`runtimes.LocalStages`) or behind Ray Serve handles
-(pipeline/deployments.py `RemoteStages`).
+(pipeline/serve/deployments.py `RemoteStages`).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Where the model stages run: in this process (`LocalStages`, the colocated topology), or wrapped to fail on
-purpose for drills (`ChaosStages`). The distributed topology's handles are in pipeline/deployments.py."""
+purpose for drills (`ChaosStages`). The distributed topology's handles are in pipeline/serve/deployments.py."""
 
 from __future__ import annotations
 

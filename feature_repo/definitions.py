@@ -73,7 +73,8 @@ def realtime_view(event_log_dir: Path) -> tuple[PushSource, FeatureView]:
     """The push source, whose offline twin is the event log's directory of hourly files, and its view."""
     source = PushSource(
         name=PUSH_SOURCE,
-        # Every pushed row, as pipeline/eventlog.py flushes it (the push schema plus stream_id, replaced_ts_ns).
+        # Every pushed row, as pipeline/featurestore/eventlog.py flushes it (the push schema plus stream_id,
+        # replaced_ts_ns).
         # Feast's file offline store reads a directory as one table, taking every *.parquet file in it.
         batch_source=FileSource(name="user_events_log", path=str(event_log_dir), timestamp_field=EVENT_TIMESTAMP),
     )

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loadtests import arrivals
 from loadtests.bars import verdict_lines, verdict_markdown, verdicts
 from loadtests.systems import ROOT, SYSTEMS, Step, locust_step, running
-from pipeline.serving_cmd import ServeSettings
+from pipeline.commands.serve import ServeSettings
 
 # Fine steps around the bars (colocated 200, floor 200-350 with 0.75x of it) and coarse ones elsewhere; 10 is there
 # because naive Ray Serve may hold nothing above it.

@@ -1,5 +1,5 @@
-"""The in-process floor as a balanced pool: N processes of `python -m pipeline.local` (the Api under plain uvicorn,
-no Ray) behind HAProxy on one port, as recserve colocated serves N ingress replicas behind Ray Serve's HAProxy
+"""The in-process floor as a balanced pool: N processes of `python -m pipeline.serve.local` (the Api under plain
+uvicorn, no Ray) behind HAProxy on one port, as recserve colocated serves N ingress replicas behind Ray Serve's HAProxy
 on :8000. N is the colocated config's Ingress `num_replicas`, so the floor and colocated get as many processes.
 
 Ports are fixed, not searched for: the balancer on 8001, worker i (from 1) on 8100 + i (8101, 8102, …). HAProxy
@@ -21,11 +21,11 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.serving_cmd import ServeSettings, http_get, port_open
+from pipeline.commands.serve import ServeSettings, http_get, port_open
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOCATED_CONFIG = ROOT / "deploy" / "serve_config.yaml"
-# What the colocated app runs when its config does not say: one ingress replica per core (pipeline.app.build_app).
+# What the colocated app runs when its config does not say: one ingress replica per core (pipeline.serve.app.build_app).
 DEFAULT_REPLICAS = os.cpu_count() or 1
 
 
@@ -102,7 +102,7 @@ defaults
     timeout http-request {b.timeout_client_s}s
     timeout http-keep-alive {b.timeout_client_s}s
     option http-no-delay
-    # as recserve serve adds to Ray's config (pipeline/haproxy_wrapper.sh)
+    # as recserve serve adds to Ray's config (pipeline/serve/haproxy_wrapper.sh)
     option http-buffer-request
     option redispatch
     retry-on {b.retry_on}
@@ -164,7 +164,7 @@ def _wait_ready(proc: subprocess.Popen, port: int, path: str, log_path: Path, wh
     raise RuntimeError(f"{what} was not up in time: see {log_path}")
 
 
-FLOOR_WORKER = [sys.executable, "-m", "pipeline.local"]
+FLOOR_WORKER = [sys.executable, "-m", "pipeline.serve.local"]
 
 
 @contextmanager

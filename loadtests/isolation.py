@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtests.gate import prepare
 from loadtests.systems import ROOT, SYSTEMS, running
-from pipeline.serving_cmd import http_get
+from pipeline.commands.serve import http_get
 
 
 def recommend(url: str) -> tuple[int, dict]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loadtests.floor import Pool, ingress_replicas, running_pool
-from pipeline.serving_cmd import ServeSettings, port_open
+from pipeline.commands.serve import ServeSettings, port_open
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -69,7 +69,7 @@ def small_bundle(real_data, tmp_path_factory) -> Path:
 def recserve(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """The console script as a user runs it, in a subprocess."""
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
+        [sys.executable, "-m", "pipeline.commands.cli", *args],
         cwd=cwd,
         capture_output=True,
         text=True,

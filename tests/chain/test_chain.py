@@ -18,7 +18,7 @@ from chain.runtimes import LocalStages
 from chain.types import Query, Recommendation
 from models.bundle import load_core
 from models.realtime import EventRecord, Realtime
-from pipeline.metrics import NullRecorder
+from pipeline.serve.metrics import NullRecorder
 
 pytestmark = pytest.mark.integration
 QUERIES = ("blue vintage mug", "christmas decoration", "heart t-light holder", "lunch bag", "cake stand")

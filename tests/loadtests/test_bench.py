@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from loadtests.bench import quantile, stage_quantiles
-from pipeline.metrics import LATENCY_MS
+from pipeline.serve.metrics import LATENCY_MS
 
 BOUNDS = [*map(float, LATENCY_MS), float("inf")]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from loadtests.floor import COLOCATED_CONFIG, DEFAULT_REPLICAS, Pool, haproxy_binary, haproxy_config, ingress_replicas
-from pipeline.serving_cmd import port_open
+from pipeline.commands.serve import port_open
 
 # This file's own ports: the bench's floor uses 8001 and 8101…, recserve 8000 and 30000….
 TEST_POOL = Pool(workers=2, port=18001, worker_port_base=18100)

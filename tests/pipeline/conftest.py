@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.store import OnlineFeatures, StoreSettings, drop_project, materialize, open_store
+from pipeline.featurestore.store import OnlineFeatures, StoreSettings, drop_project, materialize, open_store
 
 
 def scratch_settings(registry_dir: Path) -> StoreSettings:

@@ -17,10 +17,10 @@ import pytest
 from ray.serve._private.http_util import _apply_middlewares
 
 from models.data import normalize_item_id
-from pipeline.api import Api, build_api
-from pipeline.args import AppArgs
-from pipeline.local import make_api
-from pipeline.request_id import REQUEST_ID, serve_middlewares
+from pipeline.edge.api import Api, build_api
+from pipeline.serve.args import AppArgs
+from pipeline.serve.local import make_api
+from pipeline.serve.request_id import REQUEST_ID, serve_middlewares
 from tests.pipeline.conftest import catalog
 from tests.support.serve import serving
 
@@ -37,7 +37,7 @@ def api(small_bundle, slice_online, store_settings) -> Api:
 
 @pytest.fixture(scope="module")
 def url(api) -> Iterator[str]:
-    """The app as pipeline.local serves it, every edge setting at its default (1 MB, 5 s)."""
+    """The app as pipeline.serve.local serves it, every edge setting at its default (1 MB, 5 s)."""
     with serving(build_api(lambda: api)) as base:
         yield base
 

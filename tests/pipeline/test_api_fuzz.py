@@ -1,5 +1,5 @@
-"""Schemathesis fuzzes the Ray-less app (pipeline.local's Api behind pipeline.api.build_api: real models on the
-slice bundle, Feast on the real Redis) from its own OpenAPI spec, over real HTTP (uvicorn on a loopback port).
+"""Schemathesis fuzzes the Ray-less app (pipeline.serve.local's Api behind pipeline.edge.api.build_api: real models on
+the slice bundle, Feast on the real Redis) from its own OpenAPI spec, over real HTTP (uvicorn on a loopback port).
 
 All of schemathesis's checks, every phase (examples, coverage, fuzzing, stateful), positive and negative data,
 at least MAX_EXAMPLES generated requests per operation in the fuzzing phase alone, and zero failures."""
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.api import build_api
-from pipeline.args import AppArgs
-from pipeline.local import make_api
+from pipeline.edge.api import build_api
+from pipeline.serve.args import AppArgs
+from pipeline.serve.local import make_api
 from tests.support.serve import serving
 
 pytestmark = pytest.mark.integration

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.serving_cmd import ServeSettings, http_get, ingress_replicas_up, port_open
+from pipeline.commands.serve import ServeSettings, http_get, ingress_replicas_up, port_open
 from tests.conftest import ROOT
 from tests.support.load import open_loop
 
@@ -75,7 +75,7 @@ def app(request, small_bundle, slice_online, store_settings, tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     started = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "serve", "--config", str(path)],
+        [sys.executable, "-m", "pipeline.commands.cli", "serve", "--config", str(path)],
         cwd=ROOT,
         env=env,
         stdout=log,
@@ -315,7 +315,7 @@ def test_killing_an_ingress_replica_under_load_fails_no_request(app, small_bundl
     _report(f"ingress replica {live[0]['pid']} killed at t={killed_at:.1f} s under 40 req/s: {_summary(run)}")
     assert len(run.outcomes) == 800
     # The bar: no request fails. The one in flight on the killed replica is replayed on the other by HAProxy, which
-    # has each request whole before it picks a replica (pipeline/haproxy_wrapper.sh); without that it was lost.
+    # has each request whole before it picks a replica (pipeline/serve/haproxy_wrapper.sh); without that it was lost.
     assert not run.failed(), run.failed()[:5]
     back = wait_for(lambda: ingress_replicas_up(SETTINGS.haproxy_stats_port) >= 2, 180, "the replica back in HAProxy")
     _report(f"Ray restarted it; HAProxy had two replicas UP again {back:.0f} s after the load ended")

@@ -14,7 +14,7 @@ from feature_repo import definitions as defs
 from models.errors import StoreUnavailableError, WriteConflictError
 from models.features import EVENT_TIMESTAMP, USER_KEY
 from models.realtime import EVENT_TYPES, Realtime
-from pipeline.events import (
+from pipeline.featurestore.events import (
     EventIds,
     EventSettings,
     EventWriter,
@@ -23,7 +23,7 @@ from pipeline.events import (
     event_ids_pending_key,
     validate_events,
 )
-from pipeline.store import StoreSettings, entity_key, read_realtime
+from pipeline.featurestore.store import StoreSettings, entity_key, read_realtime
 from tests.pipeline.conftest import catalog
 
 pytestmark = pytest.mark.integration

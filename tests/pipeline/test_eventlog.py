@@ -38,11 +38,18 @@ from models.content import ContentModel
 from models.errors import StoreUnavailableError
 from models.features import EVENT_TIMESTAMP, USER_KEY
 from models.realtime import EventRecord, Realtime, WindowSettings
-from pipeline.api import Api, build_api
-from pipeline.eventlog import EventLog, Lineages, StreamId, lease_key, rebuild_realtime, restore_window, window_of
-from pipeline.events import EventSettings, EventWriter, validate_events
-from pipeline.metrics import NullRecorder
-from pipeline.store import (
+from pipeline.edge.api import Api, build_api
+from pipeline.featurestore.eventlog import (
+    EventLog,
+    Lineages,
+    StreamId,
+    lease_key,
+    rebuild_realtime,
+    restore_window,
+    window_of,
+)
+from pipeline.featurestore.events import EventSettings, EventWriter, validate_events
+from pipeline.featurestore.store import (
     OnlineFeatures,
     StoreSettings,
     apply,
@@ -54,6 +61,7 @@ from pipeline.store import (
     read_realtime,
     repo_config,
 )
+from pipeline.serve.metrics import NullRecorder
 from tests.pipeline.conftest import catalog, manifest
 from tests.support.redis_server import OwnRedis, client_for, port_taken
 

@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 
 from models.errors import InvalidEventError
-from pipeline.events import EventSettings, validate_events
+from pipeline.featurestore.events import EventSettings, validate_events
 
 NOW = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC)
 ITEMS = frozenset({"85123A", "22423"})

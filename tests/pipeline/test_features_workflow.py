@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.events import EventSettings, EventWriter, validate_events
-from pipeline.store import OnlineFeatures, StoreSettings, drop_project, open_store, read_user_via_feast
+from pipeline.featurestore.events import EventSettings, EventWriter, validate_events
+from pipeline.featurestore.store import OnlineFeatures, StoreSettings, drop_project, open_store, read_user_via_feast
 from tests.conftest import recserve
 from tests.pipeline.conftest import catalog
 

@@ -1,7 +1,8 @@
-"""The HAProxy wrapper `recserve serve` gives Ray (pipeline/haproxy_wrapper.sh): it adds `option http-buffer-request`
-to Ray's generated config, and with it a POST in flight on a replica that is SIGKILLed is replayed on the other one
-(httpx writes a POST's headers and body separately; without the option HAProxy had dropped that request's retry and
-closed the client connection with no answer). Real HAProxy, stub replicas on this file's own ports, stopped by pid."""
+"""The HAProxy wrapper `recserve serve` gives Ray (pipeline/serve/haproxy_wrapper.sh): it adds `option http-buffer-
+request` to Ray's generated config, and with it a POST in flight on a replica that is SIGKILLed is replayed on the
+other one (httpx writes a POST's headers and body separately; without the option HAProxy had dropped that request's
+retry and closed the client connection with no answer). It also gives a request that never finishes a 408 in the one
+error shape. Real HAProxy, stub replicas on this file's own ports, stopped by pid."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pipeline.serving_cmd import HAPROXY_WRAPPER, port_open, real_haproxy
+from pipeline.commands.serve import HAPROXY_WRAPPER, port_open, real_haproxy
 
 FRONT, REPLICAS = 18211, (18221, 18222)
 

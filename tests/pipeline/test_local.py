@@ -10,9 +10,9 @@ import httpx
 import pytest
 
 from models.errors import ConfigError
-from pipeline.api import build_api
-from pipeline.args import PROJECT_ROOT, AppArgs
-from pipeline.local import make_api, settings_from_config
+from pipeline.edge.api import build_api
+from pipeline.serve.args import PROJECT_ROOT, AppArgs
+from pipeline.serve.local import make_api, settings_from_config
 
 pytestmark = pytest.mark.integration
 

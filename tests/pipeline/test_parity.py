@@ -14,7 +14,7 @@ from chain.recommend import Chain
 from chain.runtimes import LocalStages
 from chain.types import Candidates, Query, Scored
 from models.bundle import load_core
-from pipeline.metrics import NullRecorder
+from pipeline.serve.metrics import NullRecorder
 from tests.conftest import SLICE_CUTOFF
 
 pytestmark = pytest.mark.integration

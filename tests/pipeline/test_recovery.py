@@ -12,10 +12,10 @@ import time
 import httpx
 import pytest
 
-from pipeline.api import build_api
-from pipeline.args import AppArgs
-from pipeline.local import make_api
-from pipeline.store import StoreSettings, materialize, open_store
+from pipeline.edge.api import build_api
+from pipeline.featurestore.store import StoreSettings, materialize, open_store
+from pipeline.serve.args import AppArgs
+from pipeline.serve.local import make_api
 from tests.pipeline.conftest import catalog, manifest
 from tests.support.redis_server import OwnRedis
 

@@ -12,9 +12,9 @@ import httpx
 import pytest
 
 from models.bundle import load_core
-from pipeline.api import build_api
-from pipeline.args import AppArgs
-from pipeline.local import make_api
+from pipeline.edge.api import build_api
+from pipeline.serve.args import AppArgs
+from pipeline.serve.local import make_api
 from tests.conftest import recserve
 
 pytestmark = pytest.mark.integration

@@ -21,10 +21,10 @@ from models.blender import Blender
 from models.bundle import load_core, verified
 from models.cf import ALSModel
 from models.content import ContentModel
-from pipeline.api import Api, build_api
-from pipeline.events import EventSettings, EventWriter
-from pipeline.metrics import NullRecorder
-from pipeline.store import OnlineFeatures, StoreSettings, open_store
+from pipeline.edge.api import Api, build_api
+from pipeline.featurestore.events import EventSettings, EventWriter
+from pipeline.featurestore.store import OnlineFeatures, StoreSettings, open_store
+from pipeline.serve.metrics import NullRecorder
 
 pytestmark = pytest.mark.integration
 

@@ -12,8 +12,8 @@ import pytest
 from feature_repo import definitions as defs
 from models.errors import NotMaterializedError, StoreUnavailableError
 from models.features import FEATURES, ITEM_FEATURES, USER_NUMERIC_FEATURES
-from pipeline.events import EventSettings, EventWriter, validate_events
-from pipeline.store import (
+from pipeline.featurestore.events import EventSettings, EventWriter, validate_events
+from pipeline.featurestore.store import (
     OnlineFeatures,
     StoreSettings,
     apply,

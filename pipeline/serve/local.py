@@ -1,7 +1,7 @@
 """The ingress's Api built in one process, as each Ingress replica builds it; and, run as a module, the same Api
 under plain uvicorn without Ray: the in-process floor that loadtests/bench.py measures Ray Serve against.
 
-    python -m pipeline.local [--config deploy/serve_config.yaml] [--port 8001]
+    python -m pipeline.serve.local [--config deploy/serve_config.yaml] [--port 8001]
 """
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ from models.bundle import load_core
 from models.cf import ALSModel
 from models.content import ContentModel, pick_device
 from models.errors import ConfigError, RecserveError
-from pipeline.api import Api, build_api
-from pipeline.args import PROJECT_ROOT, AppArgs
-from pipeline.eventlog import EventLog, rebuild_realtime
-from pipeline.events import EventWriter
-from pipeline.metrics import NullRecorder
-from pipeline.recovery import StoreWatch, bundle_materializer
-from pipeline.store import OnlineFeatures, open_store
+from pipeline.edge.api import Api, build_api
+from pipeline.featurestore.eventlog import EventLog, rebuild_realtime
+from pipeline.featurestore.events import EventWriter
+from pipeline.featurestore.recovery import StoreWatch, bundle_materializer
+from pipeline.featurestore.store import OnlineFeatures, open_store
+from pipeline.serve.args import PROJECT_ROOT, AppArgs
+from pipeline.serve.metrics import NullRecorder
 
 log = logging.getLogger("recserve")
 
@@ -129,7 +129,7 @@ def main() -> int:
         settings = settings_from_config(args.config)
         api = make_api(settings.model_copy(update={"bundle": settings.bundle_path()}))
     except RecserveError as exc:
-        print(f"pipeline.local: error: {exc}", file=sys.stderr)
+        print(f"pipeline.serve.local: error: {exc}", file=sys.stderr)
         return 2
 
     @asynccontextmanager

@@ -1,6 +1,6 @@
 #!/bin/sh
 # The HAProxy that Ray Serve starts for recserve: `recserve serve` points RAY_SERVE_HAPROXY_BINARY_PATH here and
-# RECSERVE_HAPROXY_REAL_BINARY at the real binary (pipeline/serving_cmd.py).
+# RECSERVE_HAPROXY_REAL_BINARY at the real binary (pipeline/commands/serve.py).
 #
 # It adds to the `defaults` section of the config Ray generated `option http-buffer-request`, a deadline for the
 # whole request ($RECSERVE_HAPROXY_REQUEST_TIMEOUT_S, 5 s) and its 408 answer in the service's one error shape, then

@@ -8,7 +8,7 @@ value:
 - behind Ray Serve, Serve's RequestIdMiddleware echoes the x-request-id it finds on the request (or one it makes)
   on every response, after the app has answered (ray/serve/_private/http_util.py, in the proxy and in each
   replica's direct-ingress server). `RequestIdGate`, which `recserve serve` installs in front of it through
-  RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=pipeline.request_id:serve_middlewares, replaces a caller's invalid
+  RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=pipeline.serve.request_id:serve_middlewares, replaces a caller's invalid
   id on the request first, so Serve echoes the value the app answers with.
 """
 

@@ -48,12 +48,7 @@ from models.errors import (
     UnsupportedMediaTypeError,
     WriteConflictError,
 )
-from pipeline.eventlog import EventLog
-from pipeline.events import EventSettings, EventWriter, validate_events
-from pipeline.metrics import NullRecorder
-from pipeline.recovery import StoreWatch
-from pipeline.request_id import given_request_id, request_id_for
-from pipeline.schemas import (
+from pipeline.edge.schemas import (
     NON_BLANK,
     ErrorBody,
     EventsAccepted,
@@ -63,7 +58,12 @@ from pipeline.schemas import (
     RecommendResponse,
     SimilarResponse,
 )
-from pipeline.store import StoreSettings, require_redis
+from pipeline.featurestore.eventlog import EventLog
+from pipeline.featurestore.events import EventSettings, EventWriter, validate_events
+from pipeline.featurestore.recovery import StoreWatch
+from pipeline.featurestore.store import StoreSettings, require_redis
+from pipeline.serve.metrics import NullRecorder
+from pipeline.serve.request_id import given_request_id, request_id_for
 
 log = logging.getLogger("recserve")
 
@@ -539,7 +539,7 @@ def build_api(
     """`max_body_bytes` bounds a body as sent and as decoded (413); `body_timeout_s` is the read deadline for a
     body, from its headers (408). Either may be a getter, read per request (a Serve ingress learns its args only
     once its replica starts). `set_request_id=False` behind Ray Serve: its middleware sets X-Request-ID on every
-    response, and the app answers with the same value (pipeline/request_id.py)."""
+    response, and the app answers with the same value (pipeline/serve/request_id.py)."""
     app = FastAPI(
         lifespan=lifespan,
         title="recserve",

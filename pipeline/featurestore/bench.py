@@ -17,8 +17,15 @@ import pandas as pd
 
 from models.features import USER_KEY
 from models.realtime import EVENT_TYPES
-from pipeline.events import EventSettings, EventWriter, validate_events
-from pipeline.store import OnlineFeatures, StoreSettings, drop_project, materialize, open_store, read_user_via_feast
+from pipeline.featurestore.events import EventSettings, EventWriter, validate_events
+from pipeline.featurestore.store import (
+    OnlineFeatures,
+    StoreSettings,
+    drop_project,
+    materialize,
+    open_store,
+    read_user_via_feast,
+)
 
 
 def _pcts(seconds: list[float]) -> str:

@@ -38,14 +38,14 @@ BASE_ENV = {
     "HF_HUB_OFFLINE": "1",
     # In front of Serve's request-id middleware on every HTTP server Serve starts (proxy, direct ingress): a
     # caller's invalid X-Request-ID is replaced on the request, so the id Serve echoes is the one the app answers
-    # with (pipeline/request_id.py).
-    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "pipeline.request_id:serve_middlewares",
+    # with (pipeline/serve/request_id.py).
+    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "pipeline.serve.request_id:serve_middlewares",
 }
 # Throughput-optimized Serve (direct ingress, user code on the replica's main loop, GC frozen), and a controller that
 # polls less often (its idle CPU fell from ~45 to ~10 ms/s). See docs/benchmarks.md and the 2-core notes.
 TUNED_ENV = {**BASE_ENV, "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 # Ray starts this in place of HAProxy: it adds `option http-buffer-request` to Ray's generated config (see the script).
-HAPROXY_WRAPPER = Path(__file__).with_name("haproxy_wrapper.sh")
+HAPROXY_WRAPPER = Path(__file__).resolve().parents[1] / "serve" / "haproxy_wrapper.sh"
 
 
 def real_haproxy() -> str:

@@ -13,7 +13,7 @@ import datetime as dt
 import sys
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = PROJECT_ROOT / "data" / "online_retail.parquet"
 DEFAULT_ARTIFACTS = Path("artifacts")
 
@@ -110,7 +110,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     from models import bundle as bundle_mod
-    from pipeline.replay import replay
+    from pipeline.commands.replay import replay
 
     path = bundle_mod.resolve(args.bundle, args.artifacts)
     n = replay(args.requests, path, args.out)
@@ -122,7 +122,7 @@ def _store(args: argparse.Namespace):  # noqa: ANN202 - (StoreSettings, FeatureS
     from pydantic import ValidationError
 
     from models.errors import ConfigError
-    from pipeline.store import StoreSettings, open_store
+    from pipeline.featurestore.store import StoreSettings, open_store
 
     try:
         settings = StoreSettings(**({"project": args.project} if args.project else {}))
@@ -134,7 +134,7 @@ def _store(args: argparse.Namespace):  # noqa: ANN202 - (StoreSettings, FeatureS
 
 def cmd_features_apply(args: argparse.Namespace) -> int:
     from models import bundle as bundle_mod
-    from pipeline.store import apply
+    from pipeline.featurestore.store import apply
 
     path = bundle_mod.resolve(args.bundle, args.artifacts)
     bundle_mod.read_manifest(path)
@@ -147,7 +147,7 @@ def cmd_features_apply(args: argparse.Namespace) -> int:
 
 def cmd_features_materialize(args: argparse.Namespace) -> int:
     from models import bundle as bundle_mod
-    from pipeline.store import materialize
+    from pipeline.featurestore.store import materialize
 
     path = bundle_mod.resolve(args.bundle, args.artifacts)
     manifest = bundle_mod.read_manifest(path)
@@ -163,7 +163,7 @@ def cmd_features_materialize(args: argparse.Namespace) -> int:
 
 def cmd_features_bench(args: argparse.Namespace) -> int:
     from models import bundle as bundle_mod
-    from pipeline.storebench import run
+    from pipeline.featurestore.bench import run
 
     path = bundle_mod.resolve(args.bundle, args.artifacts)
     manifest = bundle_mod.read_manifest(path)
@@ -174,7 +174,7 @@ def cmd_features_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pipeline.serving_cmd import serve
+    from pipeline.commands.serve import serve
 
     return serve(args.config, args.timeout, args.num_cpus, tuned=not args.ray_defaults)
 
@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a local Ray head (port 6380) unless one runs at RAY_ADDRESS, `serve run` the config, "
         "wait until every replica is up and warm, and print the client URL (HAProxy on the config's HTTP port, "
         "8000) and a curl line. On SIGTERM or Ctrl-C it shuts the app down and stops the Ray it started, by its "
-        "process ids. Ports and folders come from RECSERVE_* variables (see pipeline/serving_cmd.py).",
+        "process ids. Ports and folders come from RECSERVE_* variables (see pipeline/commands/serve.py).",
     )
     srv.add_argument(
         "--config",

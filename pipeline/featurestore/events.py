@@ -4,7 +4,7 @@ A push replaces the user's whole row, so a write is read-modify-write. A short p
 safe under concurrent writers (several ingress replicas, many clients): no event is lost or counted twice.
 Each push is stamped strictly later than the row it replaces, because Feast's Redis store skips a write whose
 timestamp is not newer than the stored one. Every row pushed is first appended to the event log
-(pipeline/eventlog.py), so accepted events survive a total loss of Redis's data.
+(pipeline/featurestore/eventlog.py), so accepted events survive a total loss of Redis's data.
 
 An event may carry the client's `event_id`. A repeat of one already stored for the same user within
 `event_id_retention_s` (24 h by default) is accepted and not stored again (`EventIds`), so a client may retry a
@@ -38,9 +38,9 @@ from feature_repo import definitions as defs
 from models.errors import FeatureStoreError, InvalidEventError, WriteConflictError
 from models.features import EVENT_TIMESTAMP, USER_KEY
 from models.realtime import EVENT_TYPES, EventRecord, Realtime, WindowSettings
-from pipeline.eventlog import EventLog
-from pipeline.schemas import NON_BLANK, Event
-from pipeline.store import (
+from pipeline.edge.schemas import NON_BLANK, Event
+from pipeline.featurestore.eventlog import EventLog
+from pipeline.featurestore.store import (
     REDIS_ERRORS,
     RELEASE_LOCK,
     REPLACED_TS_NS,

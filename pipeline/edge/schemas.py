@@ -76,7 +76,7 @@ class RecommendResponse(BaseModel):
 
 
 class Event(BaseModel):
-    """One event as a client sends it; pipeline.events checks a batch of them one by one."""
+    """One event as a client sends it; pipeline.featurestore.events checks a batch of them one by one."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, regex_engine="python-re")
 
@@ -104,8 +104,8 @@ class Event(BaseModel):
 
 
 class EventsRequest(_Body):
-    # Items are checked one by one by pipeline.events, so the error can name the event's index and field; the
-    # schema still shows each item's shape.
+    # Items are checked one by one by pipeline.featurestore.events, so the error can name the event's index and
+    # field; the schema still shows each item's shape.
     events: list[Any] = Field(
         description="[{user_id, item_id, event_type: view|add_to_cart|purchase, timestamp?, event_id?}]",
         examples=[[{"user_id": "12347", "item_id": "85123A", "event_type": "view", "event_id": "3f1c9a4e-view-1"}]],

@@ -22,8 +22,8 @@ from chain.offline import OfflineChain, open_offline
 from chain.types import Query, Recommendation
 from models.errors import ConfigError, RecserveError
 from models.realtime import EventRecord, Realtime
-from pipeline.events import EventSettings, validate_events
-from pipeline.schemas import RecommendRequest
+from pipeline.edge.schemas import RecommendRequest
+from pipeline.featurestore.events import EventSettings, validate_events
 
 
 class ReplayRequest(RecommendRequest):

@@ -26,7 +26,15 @@ from typing import Literal
 import redis
 
 from models import bundle as bundle_mod
-from pipeline.store import REDIS_ERRORS, RELEASE_LOCK, StoreSettings, marker_key, materialize, open_store, persistence
+from pipeline.featurestore.store import (
+    REDIS_ERRORS,
+    RELEASE_LOCK,
+    StoreSettings,
+    marker_key,
+    materialize,
+    open_store,
+    persistence,
+)
 
 log = logging.getLogger("recserve")
 
@@ -67,8 +75,8 @@ class StoreWatch:
         self._release = self.client.register_script(RELEASE_LOCK)
         self.status = StoreStatus("ok", "not checked yet", 0.0)
         self.recoveries = 0
-        # How Redis keeps its data across a restart (pipeline.store.persistence); "none" means a restart loses the
-        # batch rows (recovered here) and the unflushed part of the event log.
+        # How Redis keeps its data across a restart (pipeline.featurestore.store.persistence); "none" means a restart
+        # loses the batch rows (recovered here) and the unflushed part of the event log.
         self.persistence = "unknown"
 
     @property

@@ -182,7 +182,7 @@ def open_store(settings: StoreSettings) -> FeatureStore:
     return FeatureStore(repo_path=str(defs.REPO), config=repo_config(settings))
 
 
-# The event log's file columns beyond the push schema (pipeline/eventlog.py writes them).
+# The event log's file columns beyond the push schema (pipeline/featurestore/eventlog.py writes them).
 STREAM_ID = "stream_id"  # the row's Redis stream entry id, "<ms>-<seq>"
 REPLACED_TS_NS = "replaced_ts_ns"  # Feast stamp (ns) of the stored row this one replaced; 0: the store had none
 EVENT_LOG_SCHEMA_FILE = "user_events-schema.parquet"

@@ -1,4 +1,4 @@
-"""The one typed app builder named in every serve config: `import_path: pipeline.app:build_app`.
+"""The one typed app builder named in every serve config: `import_path: pipeline.serve.app:build_app`.
 
 It binds the same stage classes in the topology the config names: `colocated` (the models run inside the
 ingress replica) or `distributed` (each model is a deployment of its own, with its own replicas and hardware).
@@ -9,8 +9,8 @@ import os
 from ray.serve import Application
 
 from models.bundle import verified
-from pipeline.args import AppArgs
-from pipeline.deployments import Blender, CollaborativeFilter, ContentModel, Ingress
+from pipeline.serve.args import AppArgs
+from pipeline.serve.deployments import Blender, CollaborativeFilter, ContentModel, Ingress
 
 
 def build_app(args: AppArgs) -> Application:

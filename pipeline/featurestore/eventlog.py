@@ -52,7 +52,7 @@ import redis
 from models.errors import RecserveError
 from models.features import EVENT_TIMESTAMP, REALTIME_FEATURES, USER_KEY
 from models.realtime import Realtime, WindowSettings
-from pipeline.store import (
+from pipeline.featurestore.store import (
     REDIS_ERRORS,
     RELEASE_LOCK,
     REPLACED_TS_NS,
@@ -65,7 +65,7 @@ from pipeline.store import (
 )
 
 if TYPE_CHECKING:
-    from pipeline.events import EventWriter
+    from pipeline.featurestore.events import EventWriter
 
 log = logging.getLogger("recserve")
 

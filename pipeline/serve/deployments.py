@@ -23,11 +23,11 @@ from models.bundle import verified
 from models.cf import ALSModel
 from models.content import ContentModel as ContentModelClass
 from models.content import pick_device
-from pipeline.api import Api, build_api
-from pipeline.args import AppArgs
-from pipeline.local import freeze_heap, limit_threads, make_api
-from pipeline.metrics import RayRecorder
-from pipeline.priority import low_priority
+from pipeline.edge.api import Api, build_api
+from pipeline.serve.args import AppArgs
+from pipeline.serve.local import freeze_heap, limit_threads, make_api
+from pipeline.serve.metrics import RayRecorder
+from pipeline.serve.priority import low_priority
 
 
 @serve.deployment(max_ongoing_requests=64)

@@ -7,10 +7,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from chain.knobs import Knobs
 from models.bundle import resolve
-from pipeline.events import EventSettings
-from pipeline.store import StoreSettings
+from pipeline.featurestore.events import EventSettings
+from pipeline.featurestore.store import StoreSettings
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 class AppArgs(BaseModel):

@@ -1,0 +1,1 @@
+"""The `recserve` command (cli.py) and its heavier subcommands: `serve` (serve.py), `replay` (replay.py)."""
