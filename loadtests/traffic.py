@@ -3,7 +3,6 @@ Ray, so locust can load it."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,15 +26,14 @@ class Traffic:
 def load(bundle: Path | None = None) -> Traffic:
     import pandas as pd
 
+    from models.bundle import read_manifest
     from models.data import load_clean
-    from models.settings import TrainSettings
     from models.split import holdout_truth, resolve_split
 
     bundle = bundle or default_bundle()
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = read_manifest(bundle)
     data = load_clean(ROOT / "data" / "online_retail.parquet")
-    settings = TrainSettings.model_validate(manifest["settings"])
-    split = resolve_split(data, pd.Timestamp(manifest["split"]["cutoff"]).date(), settings.split)
+    split = resolve_split(data, manifest.cutoff.date(), manifest.settings.split)
     known = set(pd.read_parquet(bundle / "user_features.parquet")["user_id"].astype(str))
     items = pd.read_parquet(bundle / "catalog.parquet")["item_id"].astype(str).tolist()
     return Traffic(users=sorted(holdout_truth(data.interactions, split, known)), items=items)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from models.blender import BLENDER_FILE
 from models.cf import CF_FILE
@@ -43,7 +44,7 @@ REQUIRED_FILES = frozenset(
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
-def write_manifest(directory: Path, files: list[str], meta: dict[str, Any]) -> dict[str, Any]:
+def write_manifest(directory: Path, files: list[str], meta: dict[str, Any]) -> Manifest:
     manifest = {
         "format_version": FORMAT_VERSION,
         **meta,
@@ -51,10 +52,32 @@ def write_manifest(directory: Path, files: list[str], meta: dict[str, Any]) -> d
         "files": {name: sha256_file(directory / name) for name in sorted(files)},
     }
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-    return manifest
+    return Manifest.model_validate(manifest)
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
+class Manifest(BaseModel):
+    """manifest.json, typed: every reader gets it from `read_manifest`, which checks it once. Fields this code
+    does not read (created_at, encoder, catalog, blender_training, environment, ...) are kept as they are."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    format_version: int
+    version: str
+    split: dict[str, str]
+    settings: TrainSettings
+    files: dict[str, str] = Field(min_length=1)
+    feature_schema: dict[str, Any]
+    data: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def cutoff(self) -> pd.Timestamp:
+        """The split's cutoff, naive UTC as the data's timestamps are; the feature rows are stamped with it."""
+        ts = pd.Timestamp(self.split["cutoff"])
+        return ts.tz_convert("UTC").tz_localize(None) if ts.tzinfo else ts
+
+
+def read_manifest(directory: Path) -> Manifest:
     if not directory.is_dir():
         raise BundleNotFoundError(
             f"no bundle at {directory}: run `recserve train` first, or pass --bundle with a bundle directory"
@@ -63,21 +86,23 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise BundleNotFoundError(f"{directory} has no {MANIFEST_FILE}, so it is not a bundle: retrain it")
     try:
-        manifest = json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise BundleIntegrityError(f"{path} is not valid JSON ({exc}): retrain the bundle") from exc
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise BundleIntegrityError(
-            f"{path} has format_version {manifest.get('format_version')!r}, this code reads {FORMAT_VERSION}: retrain"
-        )
-    return manifest
+    if not isinstance(raw, dict) or raw.get("format_version") != FORMAT_VERSION:
+        found = raw.get("format_version") if isinstance(raw, dict) else None
+        raise BundleIntegrityError(f"{path} has format_version {found!r}, this code reads {FORMAT_VERSION}: retrain")
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(x) for x in first["loc"])
+        raise BundleIntegrityError(f"{path}: field {field!r}: {first['msg']}: retrain the bundle") from None
 
 
-def verify(directory: Path, manifest: dict[str, Any]) -> None:
+def verify(directory: Path, manifest: Manifest) -> None:
     """Every listed file is present with its recorded hash, and the schema is the one this code computes."""
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        raise BundleIntegrityError(f"{directory / MANIFEST_FILE} lists no files: retrain the bundle")
+    files = manifest.files
     unlisted = sorted(REQUIRED_FILES - set(files))
     if unlisted:
         raise BundleIntegrityError(
@@ -94,7 +119,7 @@ def verify(directory: Path, manifest: dict[str, Any]) -> None:
                 f"bundle file {path} was altered: sha256 {actual[:12]}… but the manifest says {expected[:12]}…; "
                 "restore it or retrain the bundle"
             )
-    recorded = manifest.get("feature_schema", {}).get("hash")
+    recorded = manifest.feature_schema.get("hash")
     current = schema()["hash"]
     if recorded != current:
         raise SchemaMismatchError(
@@ -128,26 +153,26 @@ class ServingCore:
     The model stages load their own artifacts, so each replica reads only what it serves."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     settings: TrainSettings
     snapshot: Snapshot
     popularity: Popularity
 
     @property
     def version(self) -> str:
-        return str(self.manifest["version"])
+        return self.manifest.version
 
 
-def verified(directory: Path) -> tuple[Path, dict[str, Any], TrainSettings]:
+def verified(directory: Path) -> tuple[Path, Manifest, TrainSettings]:
+    """The bundle's manifest once its files' hashes and the feature schema are checked."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     verify(directory, manifest)
-    return directory, manifest, TrainSettings.model_validate(manifest["settings"])
+    return directory, manifest, manifest.settings
 
 
 def load_core(directory: Path) -> ServingCore:
     directory, manifest, settings = verified(directory)
-    cutoff = pd.Timestamp(manifest["split"]["cutoff"])
-    snapshot = Snapshot.load(directory, cutoff, settings.candidates.history_half_life_days)
+    snapshot = Snapshot.load(directory, manifest.cutoff, settings.candidates.history_half_life_days)
     popularity = Popularity.load(directory, snapshot.item_ids)
     return ServingCore(directory, manifest, settings, snapshot, popularity)

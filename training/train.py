@@ -9,7 +9,6 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -34,7 +33,7 @@ from training.evaluate import Evaluation, evaluate
 @dataclass
 class TrainResult:
     path: Path
-    manifest: dict[str, Any]
+    manifest: bundle_mod.Manifest
     evaluation: Evaluation
     seconds: float
 

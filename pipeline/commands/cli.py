@@ -45,7 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     ev = result.evaluation
     print(ev.table())
     print(
-        f"trained bundle {result.manifest['version']} at {result.path} in {result.seconds:.0f} s "
+        f"trained bundle {result.manifest.version} at {result.path} in {result.seconds:.0f} s "
         f"(cutoff {ev.split['cutoff'][:10]}); {ev.summary()}"
     )
     return 0
@@ -70,7 +70,6 @@ def _load_settings(path: Path):  # noqa: ANN202 - returns TrainSettings, importe
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import random
 
-    import pandas as pd
     from tqdm.auto import tqdm
 
     from chain.offline import open_offline
@@ -84,14 +83,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     path = bundle_mod.resolve(args.bundle, args.artifacts)
     chain = open_offline(path)
     manifest = bundle_mod.read_manifest(path)
-    recorded = manifest["data"]["sha256"]
+    recorded = manifest.data["sha256"]
     if sha256_file(args.data) != recorded:
         raise DataError(
             f"{args.data} is not the data bundle {chain.version} was trained on (sha256 {recorded[:12]}…): "
             "pass that file with --data, or retrain"
         )
     data = load_clean(args.data)
-    split = resolve_split(data, pd.Timestamp(manifest["split"]["cutoff"]).date(), chain.settings.split)
+    split = resolve_split(data, manifest.cutoff.date(), chain.settings.split)
     truth = holdout_truth(data.interactions, split, set(chain.snapshot.user_index))
     with tqdm(total=len(truth), desc="evaluate", unit="user", disable=not _progress(args)) as bar:
         ev = evaluate(chain, truth, split.as_dict(), chain.version, progress=bar.update)
@@ -155,7 +154,7 @@ def cmd_features_materialize(args: argparse.Namespace) -> int:
     settings, store = _store(args)
     record = materialize(store, settings, path, manifest)
     print(
-        f"materialized bundle {manifest['version']} into project {settings.project}: {record['users']} users, "
+        f"materialized bundle {manifest.version} into project {settings.project}: {record['users']} users, "
         f"{record['items']} items (as of {record['cutoff'][:10]}); other bundles' rows are untouched"
     )
     return 0

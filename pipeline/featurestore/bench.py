@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from models.bundle import Manifest
 from models.features import USER_KEY
 from models.realtime import EVENT_TYPES
 from pipeline.featurestore.events import EventSettings, EventWriter, validate_events
@@ -34,9 +35,9 @@ def _pcts(seconds: list[float]) -> str:
     return f"n={ms.size} p50={p50:.2f} p95={p95:.2f} p99={p99:.2f} max={ms.max():.2f} ms"
 
 
-def run(bundle_dir: Path, manifest: dict[str, Any], reads: int, events: int, seed: int) -> str:
+def run(bundle_dir: Path, manifest: Manifest, reads: int, events: int, seed: int) -> str:
     rng = np.random.default_rng(seed)
-    version = str(manifest["version"])
+    version = manifest.version
     base = StoreSettings()
     with tempfile.TemporaryDirectory() as tmp:
         settings = StoreSettings(

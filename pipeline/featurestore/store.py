@@ -32,6 +32,7 @@ from redis.retry import Retry
 
 from chain.types import UserRow, numeric_values
 from feature_repo import definitions as defs
+from models.bundle import Manifest
 from models.errors import NotMaterializedError, StoreUnavailableError
 from models.features import (
     BUNDLE_KEY,
@@ -260,11 +261,11 @@ def persistence(client: redis.Redis) -> str:
     return "rdb" if conf.get("save", "").strip() else "none"
 
 
-def materialize(store: FeatureStore, settings: StoreSettings, bundle_dir: Path, manifest: dict[str, Any]) -> dict:
+def materialize(store: FeatureStore, settings: StoreSettings, bundle_dir: Path, manifest: Manifest) -> dict:
     """Load one bundle's batch features into Redis under its version. Idempotent; other bundles' rows stay."""
     bundle_dir = Path(bundle_dir).resolve()
     apply(store, bundle_dir, settings.event_log_dir)
-    cutoff = pd.Timestamp(manifest["split"]["cutoff"]).tz_localize("UTC")
+    cutoff = manifest.cutoff.tz_localize("UTC")
     # The rows are all stamped with the cutoff: a two-second window around it takes exactly them.
     try:
         store.materialize(
@@ -274,7 +275,7 @@ def materialize(store: FeatureStore, settings: StoreSettings, bundle_dir: Path, 
         )
     except REDIS_ERRORS as exc:
         raise unavailable(settings, exc) from None
-    version = str(manifest["version"])
+    version = manifest.version
     items = pd.read_parquet(bundle_dir / ITEM_FEATURES_FILE, columns=[ITEM_KEY])[ITEM_KEY]
     users = pd.read_parquet(bundle_dir / USER_FEATURES_FILE, columns=[USER_KEY])[USER_KEY]
     client = require_redis(settings)

@@ -28,12 +28,12 @@ def test_bundle_loads_back(small_bundle):
     b = bundle_mod.load_core(small_bundle)
     m = b.manifest
     assert b.version == "slice-v1" and b.snapshot.as_of == SLICE_CUTOFF
-    assert set(m["files"]) == EXPECTED_FILES
-    assert m["data"]["sha256"] == "dea6ec15718d9dd6bb9bea2d41acd669c3e286a22e958c67039e94e787266a70"
-    assert m["feature_schema"]["hash"] and len(m["feature_schema"]["features"]) > 20
+    assert set(m.files) == EXPECTED_FILES and m.cutoff == SLICE_CUTOFF and m.settings.cf.factors == 16
+    assert m.data["sha256"] == "dea6ec15718d9dd6bb9bea2d41acd669c3e286a22e958c67039e94e787266a70"
+    assert m.feature_schema["hash"] and len(m.feature_schema["features"]) > 20
     for name in ("recall@10", "ndcg@10", "map@10", "coverage@10"):
-        assert 0 <= m["metrics"]["systems"]["blend"][name] <= 1
-    assert m["metrics"]["systems"]["blend"]["users"] > 100
+        assert 0 <= m.metrics["systems"]["blend"][name] <= 1
+    assert m.metrics["systems"]["blend"]["users"] > 100
     assert not list(small_bundle.glob("*.pkl"))
     assert len(b.snapshot.item_ids) == len(b.popularity.order) <= 600
     assert (bundle_mod.resolve(None, small_bundle.parent)) == small_bundle
@@ -69,6 +69,14 @@ def test_manifest_that_omits_a_required_file_is_refused(copy):
 
 def test_required_files_are_what_training_writes(small_bundle):
     assert set(json.loads((small_bundle / "manifest.json").read_text())["files"]) == bundle_mod.REQUIRED_FILES
+
+
+def test_a_manifest_missing_a_field_is_refused_by_name(copy):
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["settings"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleIntegrityError, match=r"field 'settings'.*retrain"):
+        bundle_mod.load_core(copy)
 
 
 def test_schema_mismatch_is_refused(copy):

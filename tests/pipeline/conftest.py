@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from models.bundle import Manifest, read_manifest
 from pipeline.featurestore.store import OnlineFeatures, StoreSettings, drop_project, materialize, open_store
 
 
@@ -33,8 +33,8 @@ def feature_store(store_settings):
     drop_project(store, store_settings)
 
 
-def manifest(bundle: Path) -> dict:
-    return json.loads((bundle / "manifest.json").read_text())
+def manifest(bundle: Path) -> Manifest:
+    return read_manifest(bundle)
 
 
 def catalog(bundle: Path) -> list[str]:

@@ -107,7 +107,9 @@ def test_a_second_bundle_coexists_with_the_live_one(
     u = users["user_id"].iloc[7]
     before = slice_online.user(u)
 
-    materialize(feature_store, store_settings, second, {**manifest(small_bundle), "version": "slice-v2"})
+    materialize(
+        feature_store, store_settings, second, manifest(small_bundle).model_copy(update={"version": "slice-v2"})
+    )
     live = slice_online.user(u)
     _same(live, before)
     v2 = OnlineFeatures.load(store_settings, "slice-v2", catalog(second)).user(u)
@@ -139,7 +141,7 @@ def test_online_batch_features_equal_a_recomputation_from_the_raw_data(
     m = manifest(full_bundle.path)
     materialize(feature_store, store_settings, full_bundle.path, m)
     online = OnlineFeatures.load(store_settings, "full", catalog(full_bundle.path))
-    cutoff = pd.Timestamp(m["split"]["cutoff"])
+    cutoff = m.cutoff
     day = pd.Timedelta(days=1)
 
     inter = real_data.interactions
