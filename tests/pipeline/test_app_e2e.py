@@ -317,7 +317,7 @@ def test_killing_an_ingress_replica_under_load_fails_no_request(app, small_bundl
     # The bar: no request fails. The one in flight on the killed replica is replayed on the other by HAProxy, which
     # has each request whole before it picks a replica (pipeline/serve/haproxy_wrapper.sh); without that it was lost.
     # What no proxy can replay: an answer the replica had begun to send when it died (HAProxy had forwarded its
-    # head; the client sees the body cut short). Seen once in 8 runs (1 of 800, sent 50 ms before the kill); only
+    # head; the client sees the body cut short). Seen once in 9 runs (1 of 800, sent 50 ms before the kill); only
     # that, for a request sent just before the kill, is tolerated, and it is reported.
     cut = [
         o
