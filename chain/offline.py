@@ -15,10 +15,9 @@ from chain.context import BundleFeatures, context
 from chain.explain import explain
 from chain.hydrate import Hydrated, hydrate
 from chain.knobs import Knobs
-from chain.merge import filter_candidates, merge
 from chain.order import order
 from chain.ports import FeatureStore
-from chain.recommend import Sizes, retrieve_plan, source_lists
+from chain.recommend import Sizes, candidates, retrieve_plan
 from chain.retrieve import CFStage, ContentStage, normalize_query, popular
 from chain.score import BlendStage
 from chain.types import Candidates, Context, Query, Recommendation, Scored, SourceList
@@ -71,13 +70,12 @@ class OfflineChain:
         ctx = context(q, self.store.user(q.user_id), self.snapshot, self.sizes.n_history, k.session_events)
         cf_q, ct_q = retrieve_plan(ctx, self.snapshot, self.sizes)
         vector = self.content.encode(normalize_query(ct_q.query)) if ct_q.query else None
-        lists = source_lists(
+        lists, cands = candidates(
             ctx,
             self.cf.retrieve(cf_q),
             self.content.retrieve(ct_q, vector),
             popular(self.popularity, self.sizes.covering(self.sizes.n_popular, q)),
         )
-        cands = filter_candidates(merge(lists), ctx.exclude, bool(q.query) and "content" in lists)
         return Retrieved(ctx, lists, cands)
 
     def retrieve_all(self, queries: Iterable[Query]) -> Iterable[Retrieved]:

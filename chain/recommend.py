@@ -74,15 +74,18 @@ def retrieve_plan(ctx: Context, snapshot: Snapshot, sizes: Sizes) -> tuple[CFQue
     )
 
 
-def source_lists(
+def candidates(
     ctx: Context, cf: SourceList | None, content: SourceList | None, popularity: SourceList
-) -> dict[str, SourceList]:
+) -> tuple[dict[str, SourceList], Candidates]:
+    """Merge and filter, the same for serving and offline: every source that proposed something, merged; the
+    excluded items out; with a query (and content's answer to it), only the query's matches."""
     lists = {"history": ctx.history, "popularity": popularity}
     if cf is not None and len(cf):
         lists["cf"] = cf
     if content is not None and len(content):
         lists["content"] = content
-    return lists
+    query_mode = bool(ctx.query.query) and "content" in lists
+    return lists, filter_candidates(merge(lists), ctx.exclude, query_mode)
 
 
 class Chain:
@@ -184,10 +187,7 @@ class Chain:
         reasons += [f"{name}_{err}" for name, err in (("cf", cf_err), ("content", ct_err)) if err]
         t = time.monotonic()
 
-        pop = popular(self.core.popularity, self.sizes.covering(self.sizes.n_popular, q))
-        lists = source_lists(ctx, cf, ct, pop)
-        query_mode = bool(q.query) and "content" in lists
-        cands = filter_candidates(merge(lists), ctx.exclude, query_mode)
+        _, cands = candidates(ctx, cf, ct, popular(self.core.popularity, self.sizes.covering(self.sizes.n_popular, q)))
         self.recorder.candidates(len(cands))
         hydrated = hydrate(cands, ctx, self.snapshot, self.store.item_matrix)
         scores, blend_err = await self._guarded(
@@ -223,19 +223,17 @@ class Chain:
     def popular_answer(self, q: Query, reason: str) -> Recommendation:
         """The ladder's last rung: the popularity ranking (score = distinct invoices in the last 30 days), without
         the excluded items, one per description."""
-        snap = self.snapshot
-        exclude = {snap.item_index[x] for x in q.exclude if x in snap.item_index}
-        items: list[Item] = []
-        seen: set[str] = set()
-        for i in self.core.popularity.order.tolist():
-            d = str(snap.descriptions[i])
-            if i in exclude or d in seen:
-                continue
-            seen.add(d)
-            score = float(self.core.popularity.scores[i])
-            items.append(Item(str(snap.item_ids[i]), d, score, ("popularity",), POPULAR_REASON))
-            if len(items) == q.k:
-                break
+        snap, pop = self.snapshot, self.core.popularity
+        exclude = [snap.item_index[x] for x in q.exclude if x in snap.item_index]
+        ranked = pop.order[~np.isin(pop.order, exclude)]
+        # Minus the position as the sort key: `order` keeps popularity's own ranking and drops repeated descriptions.
+        shown = ranked[order(ranked, -np.arange(ranked.shape[0], dtype=np.float64), q.k, snap.descriptions)]
+        items = [
+            Item(
+                str(snap.item_ids[i]), str(snap.descriptions[i]), float(pop.scores[i]), ("popularity",), POPULAR_REASON
+            )
+            for i in shown.tolist()
+        ]
         return Recommendation(q.user_id, self.core.version, items, True, reason, {}, 0)
 
     async def warm(self) -> None:
