@@ -102,7 +102,7 @@ class Chain:
         self.snapshot = core.snapshot
         self.store = store
         self.fetcher = ContextFetcher(store, core.snapshot, store_state)
-        self.stages = ChaosStages(stages, lambda: self.knobs.chaos)
+        self.stages = ChaosStages(stages)
         self.recorder = recorder
         # Per stage: consecutive failures, and until when it is skipped. A model replica that died leaves calls
         # hanging to the deadline (about 60 ms each in the distributed app) until Ray replaces it, ~25 s here;
@@ -115,6 +115,7 @@ class Chain:
 
     def reconfigure(self, knobs: Knobs) -> None:
         self.knobs = knobs
+        self.stages.chaos = knobs.chaos
         self.sizes = Sizes(self.core.settings, int(self.snapshot.item_ids.shape[0]), knobs)
 
     async def _guarded(self, stage: str, call: Callable[[], Awaitable[T]], until: float) -> tuple[T | None, str | None]:

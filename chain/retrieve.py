@@ -87,24 +87,25 @@ def normalize_query(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
+def _encode(model: ContentModel, lock: threading.Lock, text: str) -> np.ndarray:
+    with lock:  # one encode at a time: a second thread only contends for the same cores
+        return model.encode_query(text)
+
+
 class ContentStage:
     # Text lengths (in words) the replica encodes before it reports ready: torch's first call at each shape is slow.
     WARM_WORDS = (1, 2, 4, 8, 16, 32, 48)
 
     def __init__(self, model: ContentModel, cache_size: int = 4096) -> None:
         self.model = model
-        self._lock = threading.Lock()  # one encode at a time: a second thread only contends for the same cores
-        # Queries repeat (search boxes, suggestions): a cached vector costs nothing.
-        self.encode = functools.lru_cache(maxsize=cache_size)(self._encode)
-
-    def _encode(self, text: str) -> np.ndarray:
-        with self._lock:
-            return self.model.encode_query(text)
+        # Queries repeat (search boxes, suggestions): a cached vector costs nothing. The cache holds the model, not
+        # the stage, so a released stage is freed by reference counting (no cycle for a frozen GC to miss).
+        self.encode = functools.lru_cache(maxsize=cache_size)(functools.partial(_encode, model, threading.Lock()))
 
     def warm(self) -> ContentStage:
         """Load the text encoder and run it once per WARM_WORDS length, not inside the first customer query."""
         for n in self.WARM_WORDS:
-            self._encode(" ".join(["warm"] * n))
+            self.encode.__wrapped__(" ".join(["warm"] * n))
         return self
 
     def retrieve(self, q: ContentQuery, query_vector: np.ndarray | None = None) -> SourceList:

@@ -54,12 +54,12 @@ class LocalStages:
 class ChaosStages:
     """Wraps real stages and makes the one named in Knobs.chaos fail or stall: fallback drills in production."""
 
-    def __init__(self, inner: Stages, chaos: Callable[[], Chaos | None]) -> None:
+    def __init__(self, inner: Stages, chaos: Chaos | None = None) -> None:
         self.inner = inner
-        self.chaos = chaos
+        self.chaos = chaos  # set by the chain's reconfigure
 
     async def _maybe(self, stage: str, call: Callable[[], Awaitable[T]]) -> T:
-        c = self.chaos()
+        c = self.chaos
         if c is not None and c.stage == stage:
             if c.mode == "error":
                 raise RuntimeError(f"chaos: stage {stage} fails on purpose")

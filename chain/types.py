@@ -134,3 +134,4 @@ class Recommendation:
     fallback_reason: str | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
     candidates: int = 0
+    arm: str = "champion"  # the rollout arm that answered (chain/rollout.py)

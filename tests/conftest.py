@@ -48,8 +48,7 @@ def raw_rows(rows: list[dict]) -> pd.DataFrame:
 SLICE_CUTOFF = pd.Timestamp("2011-09-01")
 
 
-@pytest.fixture(scope="session")
-def small_bundle(real_data, tmp_path_factory) -> Path:
+def _slice_bundle(real_data: CleanData, out: Path, version: str, factors: int) -> Path:
     """A bundle trained on a slice of the real data: May-September 2011, the 600 best-selling items."""
     from models.settings import BlenderSettings, CFSettings, TrainSettings
     from training.train import train
@@ -59,11 +58,20 @@ def small_bundle(real_data, tmp_path_factory) -> Path:
     top = sales["item_id"].value_counts().index[:600]
     sliced = CleanData(sales=sales[sales["item_id"].isin(top)].reset_index(drop=True))
     settings = TrainSettings(
-        cf=CFSettings(factors=16, iterations=5), blender=BlenderSettings(n_estimators=40, early_stopping_rounds=10)
+        cf=CFSettings(factors=factors, iterations=5), blender=BlenderSettings(n_estimators=40, early_stopping_rounds=10)
     )
-    out = tmp_path_factory.mktemp("artifacts")
-    result = train(DATA, out, SLICE_CUTOFF.date(), "slice-v1", settings, progress=False, data=sliced)
-    return result.path
+    return train(DATA, out, SLICE_CUTOFF.date(), version, settings, progress=False, data=sliced).path
+
+
+@pytest.fixture(scope="session")
+def small_bundle(real_data, tmp_path_factory) -> Path:
+    return _slice_bundle(real_data, tmp_path_factory.mktemp("artifacts"), "slice-v1", factors=16)
+
+
+@pytest.fixture(scope="session")
+def second_bundle(real_data, tmp_path_factory) -> Path:
+    """Another model of the same slice (8 CF factors, not 16): a challenger for rollout tests."""
+    return _slice_bundle(real_data, tmp_path_factory.mktemp("artifacts-v2"), "slice-v2", factors=8)
 
 
 def recserve(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -15,17 +15,20 @@ import sys
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from chain.knobs import Knobs
 from chain.recommend import Chain
+from chain.rollout import Rollout, RolloutSpec
 from chain.types import Item, Recommendation
 from chain.types import Query as ChainQuery
 from models.data import normalize_item_id
@@ -66,6 +69,7 @@ from pipeline.serve.metrics import NullRecorder
 from pipeline.serve.request_id import given_request_id, request_id_for
 
 log = logging.getLogger("recserve")
+M = TypeVar("M", bound=BaseModel)
 
 # The one mapping from named errors to HTTP status codes. Anything else that escapes a route is a 500.
 ERROR_STATUS: dict[type[RecserveError], int] = {
@@ -112,10 +116,13 @@ class Api:
         recorder: Any = None,
         watch: StoreWatch | None = None,
         event_log: EventLog | None = None,
+        load: Callable[[str], Awaitable[Chain]] | None = None,
+        bundle_key: Callable[[str], str] = str,
     ) -> None:
         """Once `start` runs: `watch` keeps the store's state current (and restores a lost store); `event_log`'s
-        flusher drains accepted events into the hourly files (one replica at a time holds its lease)."""
-        self.chain = chain
+        flusher drains accepted events into the hourly files (one replica at a time holds its lease). `load` makes
+        the chain of another bundle, for a rollout's arms (chain/rollout.py); without it, rollouts are refused."""
+        self.rollout = Rollout(chain, str(chain.core.path), load, bundle_key)
         self.watch = watch
         self.event_log = event_log
         self._stop = asyncio.Event()
@@ -128,16 +135,36 @@ class Api:
         self._warmed = False
         self.recorder = recorder or NullRecorder()
 
+    def _version(self, bundle: str) -> str:
+        chain = self.rollout.arms.chains.get(bundle)
+        return chain.core.version if chain is not None else "loading"
+
     def writer(self) -> EventWriter:
         # Made on first use, so an ingress that started while Redis was down can take events once it is back.
         if self._writer is None:
             self._writer = self._writer_factory()
         return self._writer
 
+    @property
+    def chain(self) -> Chain:
+        """The champion's chain: it answers everything that is not assigned to an arm (similar items, readiness)."""
+        return self.rollout.champion
+
     async def recommend(self, body: RecommendRequest) -> Recommendation:
-        return await self.chain.recommend(
+        return await self.rollout.recommend(
             ChainQuery(user_id=body.user_id, k=body.k, exclude=tuple(body.exclude), query=body.query)
         )
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """The Ingress's user_config: the knobs, and an optional `rollout` (RolloutSpec) of arms to switch to.
+        Raises ConfigError naming the field."""
+        config = dict(user_config)
+        spec = config.pop("rollout", None)
+        knobs = _user_config(Knobs, config, "")
+        rollout = _user_config(RolloutSpec, spec, "rollout.") if spec is not None else None
+        self.rollout.reconfigure(knobs)
+        if rollout is not None:
+            self.rollout.apply(rollout)
 
     def events(self, raw: list[Any]) -> int:
         try:
@@ -153,7 +180,8 @@ class Api:
         """Warm every path (the first call through each stage is slow and must not land on a customer), then start
         the store watch on the running loop. Idempotent."""
         if not self._warmed:
-            await self.chain.warm()
+            for chain in self.rollout.chains():
+                await chain.warm()
             self._warmed = True
         if not self._tasks:
             self._stop.clear()
@@ -169,7 +197,15 @@ class Api:
 
     async def ready(self) -> tuple[bool, dict[str, Any]]:
         await self.start()
-        detail: dict[str, Any] = {"models": "loaded", "model_version": self.chain.core.version}
+        state = self.rollout.state
+        detail: dict[str, Any] = {
+            "models": "loaded",
+            "model_version": self.chain.core.version,
+            "arms": {
+                a.name: {"weight": a.weight, "model_version": self._version(a.bundle)} for a in state.serving.arms
+            },
+            "rollout": "switching" if not state.done else ("failed: " + state.error if state.error else "serving"),
+        }
         if self.watch is not None:
             status = self.watch.status
             if status.checked_at == 0.0:
@@ -189,11 +225,15 @@ class Api:
         return redis_ok, detail | {"feature_store": "ok" if redis_ok else "unreachable", "redis": text}
 
 
-def _items(items: list[Item]) -> list[ItemOut]:
-    return [
-        ItemOut(item_id=i.item_id, description=i.description, score=i.score, sources=list(i.sources), reason=i.reason)
-        for i in items
-    ]
+def _user_config(model: type[M], value: Any, prefix: str) -> M:
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = prefix + ".".join(str(p) for p in first["loc"]) if first["loc"] else prefix.rstrip(".") or "user_config"
+        raise ConfigError(
+            f"user_config {field}: {first['msg']}: fix the Ingress's user_config in the serve config"
+        ) from None
 
 
 def _items(items: list[Item]) -> list[ItemOut]:
@@ -595,6 +635,7 @@ def build_api(
             request_id=rid(request),
             user_id=r.user_id,
             model_version=r.model_version,
+            arm=r.arm,
             items=_items(r.items),
             degraded=r.degraded,
             fallback_reason=r.fallback_reason,

@@ -69,6 +69,7 @@ class RecommendResponse(BaseModel):
     request_id: str
     user_id: str
     model_version: str
+    arm: str = Field(description="the rollout arm that answered: the user's, sticky across requests and replicas")
     items: list[ItemOut]
     degraded: bool
     fallback_reason: str | None = None

@@ -14,7 +14,6 @@ import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from chain.knobs import Knobs
 from chain.retrieve import CFQuery, CFStage, ContentQuery, ContentStage, normalize_query
 from chain.score import BlendStage
 from chain.types import SourceList
@@ -154,5 +153,7 @@ class Ingress:
         if _Current.api is not None:
             await _Current.api.stop()
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        _Current.get().chain.reconfigure(Knobs.model_validate(user_config))
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        # Returns at once: a rollout's new bundles load in the background, and the replica keeps serving meanwhile
+        # (a replica in Serve's UPDATING state could leave the routing table).
+        _Current.get().reconfigure(user_config)

@@ -26,7 +26,7 @@ from chain.retrieve import CFStage, ContentStage
 from chain.runtimes import LocalStages
 from chain.score import BlendStage
 from models.blender import Blender as BlenderModel
-from models.bundle import load_core
+from models.bundle import ServingCore, load_core
 from models.cf import ALSModel
 from models.content import ContentModel, pick_device
 from models.errors import ConfigError, RecserveError
@@ -37,6 +37,7 @@ from pipeline.featurestore.recovery import StoreWatch, bundle_materializer
 from pipeline.featurestore.store import OnlineFeatures, open_store
 from pipeline.serve.args import PROJECT_ROOT, AppArgs
 from pipeline.serve.metrics import NullRecorder
+from pipeline.serve.priority import run_low
 
 log = logging.getLogger("recserve")
 
@@ -56,19 +57,24 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
+def local_stages(core: ServingCore, threads: int) -> LocalStages:
+    """The bundle's model stages in this process (the colocated topology)."""
+    device = pick_device()
+    return LocalStages(
+        CFStage(ALSModel.load(core.path, core.settings.cf), device=device),
+        ContentStage(ContentModel.load(core.path, device=device)).warm(),
+        BlendStage(BlenderModel.load(core.path, num_threads=1)),
+        threads=threads,
+    )
+
+
 def make_api(settings: AppArgs, stages: Stages | None = None, recorder: Callable[[str], Any] | None = None) -> Api:
     """The ingress's Api over `stages`; None runs the models in this process (colocated). `recorder(version)`
     makes the metrics recorder."""
     bundle = Path(str(settings.bundle))
     core = load_core(bundle)  # verifies every file's hash, once
-    if stages is None:
-        device = pick_device()
-        stages = LocalStages(
-            CFStage(ALSModel.load(core.path, core.settings.cf), device=device),
-            ContentStage(ContentModel.load(core.path, device=device)).warm(),
-            BlendStage(BlenderModel.load(core.path, num_threads=1)),
-            threads=settings.stage_threads,
-        )
+    colocated = stages is None
+    stages = stages or local_stages(core, settings.stage_threads)
     rec = recorder(core.version) if recorder else NullRecorder()
     store = settings.store
     try:
@@ -87,14 +93,34 @@ def make_api(settings: AppArgs, stages: Stages | None = None, recorder: Callable
             bundle_materializer(store, bundle),
             rebuild_events=lambda: rebuild_realtime(event_log, api.writer()),
         )
-    chain = Chain(
-        core, features, stages, settings.knobs, rec, store_state=(lambda: watch.status.state) if watch else None
-    )
+    store_state = (lambda: watch.status.state) if watch else None
+    chain = Chain(core, features, stages, settings.knobs, rec, store_state=store_state)
+
+    def arm_chain(path: Path) -> Chain:
+        # A rollout arm's bundle: verified, refused unless materialized (NotMaterializedError names the command).
+        arm_core = load_core(path)
+        arm_features = OnlineFeatures.load(store, arm_core.version, arm_core.snapshot.item_ids.tolist())
+        arm_rec = recorder(arm_core.version) if recorder else NullRecorder()
+        arm_stages = local_stages(arm_core, settings.stage_threads)
+        return Chain(arm_core, arm_features, arm_stages, settings.knobs, arm_rec, store_state=store_state)
+
+    async def load(path: str) -> Chain:
+        return await run_low(lambda: arm_chain(Path(path)))
 
     def writer() -> EventWriter:
         return EventWriter(open_store(store), store, settings.events)
 
-    api = Api(chain, store, settings.events, writer, rec, watch, event_log)
+    api = Api(
+        chain,
+        store,
+        settings.events,
+        writer,
+        rec,
+        watch,
+        event_log,
+        load=load if colocated else None,
+        bundle_key=lambda path: str(settings.model_copy(update={"bundle": Path(path)}).bundle_path()),
+    )
     try:
         api.writer()  # now, not inside the first POST /events (opening Feast's registry takes ~0.7 s)
     except RecserveError as exc:
@@ -112,8 +138,16 @@ def settings_from_config(config: Path) -> AppArgs:
         ) from exc
     ingress = next((d for d in app.get("deployments", []) if d.get("name") == "Ingress"), {})
     args = AppArgs.model_validate({**app.get("args", {}), "topology": "colocated"})
-    knobs = Knobs.model_validate({**args.knobs.model_dump(), **ingress.get("user_config", {})})
+    user_config = {k: v for k, v in (ingress.get("user_config") or {}).items() if k != "rollout"}
+    knobs = Knobs.model_validate({**args.knobs.model_dump(), **user_config})
     return args.model_copy(update={"knobs": knobs})
+
+
+def rollout_from_config(config: Path) -> dict[str, Any] | None:
+    """The Ingress's user_config `rollout` of a serve config (see chain/rollout.py), if it names one."""
+    app = yaml.safe_load(config.read_text())["applications"][0]
+    ingress = next((d for d in app.get("deployments", []) if d.get("name") == "Ingress"), {})
+    return (ingress.get("user_config") or {}).get("rollout")
 
 
 def main() -> int:
@@ -127,6 +161,7 @@ def main() -> int:
     try:
         limit_threads()
         settings = settings_from_config(args.config)
+        rollout = rollout_from_config(args.config)
         api = make_api(settings.model_copy(update={"bundle": settings.bundle_path()}))
     except RecserveError as exc:
         print(f"pipeline.serve.local: error: {exc}", file=sys.stderr)
@@ -135,6 +170,9 @@ def main() -> int:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await api.start()  # warm-up, store watch and event-log flusher, as each Ray ingress replica runs them
+        if rollout is not None:  # the config's arms, loaded as a replica loads them
+            api.reconfigure({**settings.knobs.model_dump(), "rollout": rollout})
+            await api.rollout.wait()
         yield
         await api.stop()
 

@@ -45,3 +45,9 @@ def catalog(bundle: Path) -> list[str]:
 def slice_online(feature_store, store_settings, small_bundle) -> OnlineFeatures:
     materialize(feature_store, store_settings, small_bundle, manifest(small_bundle))
     return OnlineFeatures.load(store_settings, "slice-v1", catalog(small_bundle))
+
+
+@pytest.fixture(scope="session")
+def second_online(feature_store, store_settings, second_bundle) -> OnlineFeatures:
+    materialize(feature_store, store_settings, second_bundle, manifest(second_bundle))
+    return OnlineFeatures.load(store_settings, "slice-v2", catalog(second_bundle))
