@@ -186,8 +186,10 @@ class Rollout:
         except KeyError:
             names = ", ".join(a.name for a in self.arms.spec.arms)
             raise ConfigError(f"no arm {forced!r} in the running rollout: name one of {names}") from None
+        started = time.perf_counter()
         with self.using(chain):
             rec = await chain.recommend(q)
+        chain.recorder.answer(arm.name, rec.model_version, (time.perf_counter() - started) * 1000, rec.degraded)
         return replace(rec, arm=arm.name)
 
     def reconfigure(self, knobs: Knobs) -> None:

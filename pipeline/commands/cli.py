@@ -183,6 +183,37 @@ def _data_and_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from pipeline.commands import rollout
+
+    base = args.url.rstrip("/")
+    if args.rollout_command == "start":
+        if (args.canary is None) == (args.ab is None):
+            from models.errors import ConfigError
+
+            raise ConfigError("give one of --canary PCT or --ab PCT: the share of users the new bundle serves")
+        spec = rollout.start(args.bundle, args.canary, args.ab, args.salt, args.tolerance, base)
+    elif args.rollout_command == "promote":
+        spec = rollout.promote(base)
+    elif args.rollout_command == "rollback":
+        spec = rollout.rollback(base)
+    else:
+        print(rollout.status(base))
+        return 0
+    print(f"serving: {', '.join(f'{a.name} {a.weight:g}% ({a.bundle})' for a in spec.arms)} (salt {spec.salt!r})")
+    return 0
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number: give a percent of users, e.g. 10") from None
+    if not 0 < value < 100:
+        raise argparse.ArgumentTypeError(f"{value:g} is not a share between 0 and 100 (exclusive)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recserve",
@@ -278,6 +309,34 @@ def build_parser() -> argparse.ArgumentParser:
         "through Serve's proxy (the naive baseline of loadtests/bench.py)",
     )
     srv.set_defaults(func=cmd_serve)
+
+    ro = sub.add_parser(
+        "rollout",
+        help="roll a bundle out to the running service: canary or A/B arms, status, promote, rollback",
+        description="Change the running application's arms (sticky per user) through Serve's own config API; no "
+        "replica restarts. Each replica loads a new bundle in the background, warms it and swaps.",
+    )
+    rsub = ro.add_subparsers(dest="rollout_command", metavar="ACTION", required=True)
+    start = rsub.add_parser("start", help="add a bundle as a canary or an A/B challenger beside the champion")
+    start.add_argument("--bundle", type=Path, required=True, help="the candidate bundle's directory")
+    start.add_argument("--canary", type=_percent, metavar="PCT", help="percent of users on the candidate (canary)")
+    start.add_argument("--ab", type=_percent, metavar="PCT", help="percent of users on the candidate (A/B test)")
+    start.add_argument("--salt", help="the experiment's salt (default: the candidate's version): a new one re-draws")
+    start.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.01,
+        help="refuse a candidate whose offline blend NDCG@10 is below the champion's by more (default: %(default)s)",
+    )
+    for name, text in (
+        ("status", "print the arms, their shares and the bundles the replicas serve"),
+        ("promote", "make the challenger or canary the champion for every user"),
+        ("rollback", "put every user back on the champion"),
+    ):
+        rsub.add_parser(name, help=text, description=text)
+    for p in rsub.choices.values():
+        p.add_argument("--url", default="http://127.0.0.1:8000", help="the service's URL (default: %(default)s)")
+    ro.set_defaults(func=cmd_rollout)
     return parser
 
 

@@ -202,7 +202,13 @@ class Api:
             "models": "loaded",
             "model_version": self.chain.core.version,
             "arms": {
-                a.name: {"weight": a.weight, "model_version": self._version(a.bundle)} for a in state.serving.arms
+                a.name: {
+                    "role": a.role,
+                    "weight": a.weight,
+                    "model_version": self._version(a.bundle),
+                    "bundle": a.bundle,
+                }
+                for a in state.serving.arms
             },
             "rollout": "switching" if not state.done else ("failed: " + state.error if state.error else "serving"),
         }

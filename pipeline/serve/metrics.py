@@ -23,6 +23,9 @@ class NullRecorder:
     def request(self, route: str, status: int, ms: float) -> None:
         pass
 
+    def answer(self, arm: str, version: str, ms: float, degraded: bool) -> None:
+        pass
+
     def events(self, outcome: str, n: int) -> None:
         pass
 
@@ -50,6 +53,18 @@ class RayRecorder:
             "recserve_candidates", description="merged candidates per request", boundaries=CANDIDATES
         )
         self._events = metrics.Counter("recserve_events", description="events by outcome", tag_keys=("outcome",))
+        # Per rollout arm: what `recserve rollout status` and a canary's comparison with the champion read.
+        self._arm_answers = metrics.Counter(
+            "recserve_arm_answers",
+            description="/recommend answers by rollout arm, bundle and degraded",
+            tag_keys=("arm", "version", "degraded"),
+        )
+        self._arm_latency = metrics.Histogram(
+            "recserve_arm_latency_ms",
+            description="/recommend latency in the chain by rollout arm and bundle",
+            boundaries=LATENCY_MS,
+            tag_keys=("arm", "version"),
+        )
         info = metrics.Gauge("recserve_model_info", description="the bundle served", tag_keys=("version", "topology"))
         info.set(1, tags={"version": version, "topology": topology})
 
@@ -68,3 +83,7 @@ class RayRecorder:
 
     def events(self, outcome: str, n: int) -> None:
         self._events.inc(n, tags={"outcome": outcome})
+
+    def answer(self, arm: str, version: str, ms: float, degraded: bool) -> None:
+        self._arm_answers.inc(1, tags={"arm": arm, "version": version, "degraded": str(degraded).lower()})
+        self._arm_latency.observe(ms, tags={"arm": arm, "version": version})

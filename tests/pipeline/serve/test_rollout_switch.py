@@ -143,9 +143,9 @@ def test_an_ab_rollout_serves_each_user_their_sticky_arm(api, small_bundle, seco
                 got.append((user, r.arm, r.model_version))
         _, detail = await api.ready()
         await api.stop()
-        assert detail["arms"] == {
-            "champion": {"weight": 50.0, "model_version": "slice-v1"},
-            "challenger": {"weight": 50.0, "model_version": "slice-v2"},
+        assert {name: (a["role"], a["weight"], a["model_version"]) for name, a in detail["arms"].items()} == {
+            "champion": ("champion", 50.0, "slice-v1"),
+            "challenger": ("challenger", 50.0, "slice-v2"),
         }
         return got
 

@@ -1,0 +1,295 @@
+"""`recserve rollout start|status|promote|rollback`: change the running application's arms (chain/rollout.py).
+
+Each command reads the application's deployed config from Serve's controller, changes only the Ingress's
+`user_config["rollout"]`, and deploys the config back through Serve's own declarative API (what `serve deploy` and
+the dashboard's REST API call). A user_config change is a lightweight update in Serve: no replica restarts; each
+replica loads the new bundles in the background, warms them and swaps (see chain/rollout.Rollout).
+
+`start` refuses a bundle that fails verification, is not materialized in the application's feature store, or
+whose offline NDCG@10 on the same split is below the champion's by more than the tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from chain.rollout import ArmSpec, RolloutSpec
+from models.bundle import Manifest, verified
+from models.errors import ConfigError, NotMaterializedError, RecserveError
+from pipeline.commands.serve import ServeSettings, http_get
+
+if TYPE_CHECKING:
+    from pipeline.featurestore.store import StoreSettings
+
+APP = "recserve"
+# Reads the deployed config of every application (and Serve's HTTP options) and, given a rollout, deploys the same
+# configs with the Ingress's user_config.rollout replaced. Prints the app's config as JSON.
+_DRIVER = """
+import json, sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False, include_dashboard=False)
+from ray.serve.context import _get_global_client
+from ray.serve.schema import ServeDeploySchema, ServeInstanceDetails
+client = _get_global_client()
+details = ServeInstanceDetails(**client.get_serve_details())
+apps = {name: a.deployed_app_config for name, a in details.applications.items() if a.deployed_app_config}
+app = apps.get(sys.argv[2])
+if app is None:
+    print(json.dumps({"error": f"no application {sys.argv[2]!r}; running: {sorted(apps)}"}))
+    sys.exit(0)
+rollout = json.loads(sys.argv[3])
+if rollout is not None:
+    for d in app.deployments:
+        if d.name == "Ingress":
+            d.user_config = {**(d.user_config or {}), "rollout": rollout}
+            break
+    else:
+        print(json.dumps({"error": "the application has no Ingress deployment in its config"}))
+        sys.exit(0)
+    config = ServeDeploySchema(
+        http_options=details.http_options.model_dump(exclude_unset=True) if details.http_options else {},
+        applications=list(apps.values()),
+    )
+    client.deploy_apps(config)
+print(json.dumps(app.model_dump(mode="json", exclude_unset=True)))
+"""
+
+
+def _driver(settings: ServeSettings, rollout: RolloutSpec | None, app: str = APP) -> dict[str, Any]:
+    address = os.environ.get("RAY_ADDRESS", f"127.0.0.1:{settings.ray_port}")
+    payload = json.dumps(rollout.model_dump(mode="json") if rollout is not None else None)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _DRIVER, address, app, payload],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "RAY_ADDRESS": address},
+        )
+    except subprocess.TimeoutExpired:
+        raise RecserveError(f"Ray at {address} did not answer within 120 s: is `recserve serve` running?") from None
+    last = (out.stdout.strip().splitlines() or [""])[-1]
+    if out.returncode != 0 or not last.startswith("{"):
+        raise RecserveError(
+            f"could not reach Serve at {address} ({(out.stderr.strip().splitlines() or ['no output'])[-1]}): start "
+            "the service with `recserve serve`, or set RECSERVE_RAY_PORT / RAY_ADDRESS to its Ray"
+        )
+    config = json.loads(last)
+    if "error" in config:
+        raise RecserveError(f"{config['error']}: start it with `recserve serve`")
+    return config
+
+
+def _ingress_user_config(config: dict[str, Any]) -> dict[str, Any]:
+    return next((d.get("user_config") or {} for d in config.get("deployments", []) if d.get("name") == "Ingress"), {})
+
+
+def current_spec(config: dict[str, Any], base: str) -> RolloutSpec:
+    """The rollout the application's config names; without one, the bundle its replicas serve (the one the app was
+    deployed with) as the only, champion, arm."""
+    spec = _ingress_user_config(config).get("rollout")
+    if spec is not None:
+        return RolloutSpec.model_validate(spec)
+    code, body = http_get(f"{base}/readyz", 5.0)
+    arms = (json.loads(body) if body.startswith("{") else {}).get("arms") or {}
+    champion = next((a.get("bundle") for a in arms.values() if a.get("role") == "champion"), None)
+    if not champion:
+        raise RecserveError(f"{base}/readyz answered {code} without the arms served: is the service up at {base}?")
+    return RolloutSpec.single(str(champion))
+
+
+def _store(config: dict[str, Any]) -> StoreSettings:
+    from pipeline.featurestore.store import StoreSettings  # Feast's import takes seconds: only `start` needs it
+
+    return StoreSettings.model_validate((config.get("args") or {}).get("store") or {})
+
+
+def _table(manifest: Manifest) -> str:
+    systems = manifest.metrics.get("systems") or {}
+    metrics = ("recall@10", "ndcg@10", "map@10", "coverage@10")
+    lines = [f"  {'system':<12}" + "".join(f"{m:>13}" for m in metrics)]
+    lines += [
+        f"  {name:<12}" + "".join(f"{row.get(m, float('nan')):>13.4f}" for m in metrics)
+        for name, row in systems.items()
+    ]
+    return "\n".join(lines)
+
+
+def offline_gate(champion: Path, candidate: Path, tolerance: float) -> str:
+    """Both bundles' offline tables, and the verdict; raises ConfigError when the candidate's blend NDCG@10 is below
+    the champion's by more than `tolerance` (absolute), or the two were not evaluated on the same split."""
+    _, champ, _ = verified(champion)
+    _, cand, _ = verified(candidate)
+    if champ.split != cand.split:
+        raise ConfigError(
+            f"{cand.version} was evaluated on split {cand.split}, the champion {champ.version} on {champ.split}: "
+            "retrain the candidate with `recserve train --cutoff` at the champion's cutoff"
+        )
+    try:
+        ndcg = [float(m.metrics["systems"]["blend"]["ndcg@10"]) for m in (champ, cand)]
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(
+            f"{champ.version} or {cand.version} has no offline table in its manifest: run `recserve evaluate` on it"
+        ) from None
+    text = (
+        f"champion {champ.version}:\n{_table(champ)}\ncandidate {cand.version}:\n{_table(cand)}\n"
+        f"blend NDCG@10: candidate {ndcg[1]:.4f}, champion {ndcg[0]:.4f}, tolerance {tolerance:.4f}"
+    )
+    if ndcg[1] < ndcg[0] - tolerance:
+        raise ConfigError(
+            f"{text}\nthe candidate ranks worse offline than the champion by more than the tolerance: improve it, "
+            "or pass a larger --tolerance"
+        )
+    return text
+
+
+def require_materialized(store: StoreSettings, bundle: Path, version: str) -> None:
+    from pipeline.featurestore.store import marker_key, require_redis
+
+    if not require_redis(store).exists(marker_key(store.project, version)):
+        raise NotMaterializedError(
+            f"bundle {version} is not in the feature store (project {store.project}): run "
+            f"`recserve features materialize --bundle {bundle}` first"
+        )
+
+
+def _wait_serving(base: str, spec: RolloutSpec, timeout_s: float) -> dict[str, Any]:
+    """Until /readyz, asked through the client URL, shows the spec's arms serving on 10 answers in a row (the
+    balancer spreads them over the replicas); the last detail."""
+    want = {a.name: a.weight for a in spec.arms}
+    deadline, streak, detail = time.monotonic() + timeout_s, 0, {}
+    while time.monotonic() < deadline:
+        code, body = http_get(f"{base}/readyz", 5.0)
+        detail = json.loads(body) if body.startswith("{") else {}
+        arms = {name: a.get("weight") for name, a in (detail.get("arms") or {}).items()}
+        streak = streak + 1 if code == 200 and detail.get("rollout") == "serving" and arms == want else 0
+        if streak >= 10:
+            return detail
+        time.sleep(0.2 if streak else 0.5)
+    raise RecserveError(f"the replicas did not all serve the new arms within {timeout_s:.0f} s; last /readyz: {detail}")
+
+
+def deploy(spec: RolloutSpec, base: str, timeout_s: float, settings: ServeSettings | None = None) -> dict[str, Any]:
+    settings = settings or ServeSettings.from_env()
+    _driver(settings, spec)
+    return _wait_serving(base, spec, timeout_s)
+
+
+def start(
+    bundle: Path, canary: float | None, ab: float | None, salt: str | None, tolerance: float, base: str
+) -> RolloutSpec:
+    """The current champion plus `bundle` as a canary (or an A/B challenger) at the given percent of users."""
+    settings = ServeSettings.from_env()
+    config = _driver(settings, None)
+    champion = current_spec(config, base).champion
+    path, manifest, _ = verified(bundle.resolve())
+    require_materialized(_store(config), path, manifest.version)
+    print(offline_gate(Path(champion.bundle), path, tolerance), flush=True)
+    share, role, name = (canary, "canary", "canary") if canary is not None else (ab, "challenger", "challenger")
+    assert share is not None
+    spec = RolloutSpec(
+        salt=salt or f"{manifest.version}",
+        arms=(
+            champion.model_copy(update={"weight": 100.0 - share}),
+            ArmSpec(name=name, bundle=str(path), weight=share, role=role),
+        ),
+    )
+    deploy(spec, base, 300.0, settings)
+    return spec
+
+
+def promote(base: str) -> RolloutSpec:
+    """The one challenger or canary becomes the champion, for every user."""
+    spec = current_spec(_driver(ServeSettings.from_env(), None), base)
+    others = [a for a in spec.arms if a.role != "champion"]
+    if len(others) != 1:
+        raise ConfigError(f"promote needs exactly one challenger or canary; the rollout has {len(others)}")
+    new = RolloutSpec(
+        salt=spec.salt, arms=(others[0].model_copy(update={"weight": 100.0, "role": "champion", "name": "champion"}),)
+    )
+    deploy(new, base, 300.0)
+    return new
+
+
+def rollback(base: str) -> RolloutSpec:
+    """Every user back on the champion."""
+    spec = current_spec(_driver(ServeSettings.from_env(), None), base)
+    new = RolloutSpec(salt=spec.salt, arms=(spec.champion.model_copy(update={"weight": 100.0}),))
+    deploy(new, base, 300.0)
+    return new
+
+
+def arm_stats(metrics_url: str) -> dict[str, dict[str, float]]:
+    """Per arm, summed over replicas since they started: answers, the degraded share, and p50/p99 of the chain's
+    latency (ms, interpolated within histogram buckets as PromQL's histogram_quantile does). Empty when the
+    metrics endpoint does not answer."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    code, text = http_get(metrics_url, 5.0)
+    if code != 200:
+        return {}
+    answers: dict[str, list[float]] = {}
+    buckets: dict[str, dict[float, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            arm = sample.labels.get("arm")
+            if arm is None:
+                continue
+            if sample.name == "ray_recserve_arm_answers_total":
+                row = answers.setdefault(arm, [0.0, 0.0])
+                row[0] += sample.value
+                row[1] += sample.value if sample.labels.get("degraded") == "true" else 0.0
+            elif sample.name == "ray_recserve_arm_latency_ms_bucket":
+                le = float(sample.labels["le"])
+                buckets.setdefault(arm, {})[le] = buckets.setdefault(arm, {}).get(le, 0.0) + sample.value
+    out = {}
+    for arm, (n, degraded) in answers.items():
+        cum = sorted(buckets.get(arm, {}).items())
+        out[arm] = {
+            "answers": n,
+            "degraded": degraded / n if n else float("nan"),
+            "p50": _quantile(cum, 0.5),
+            "p99": _quantile(cum, 0.99),
+        }
+    return out
+
+
+def _quantile(cum: list[tuple[float, float]], q: float) -> float:
+    if not cum or cum[-1][1] <= 0:
+        return float("nan")
+    rank, prev_le, prev_n = q * cum[-1][1], 0.0, 0.0
+    for le, n in cum:
+        if n >= rank:
+            if le == float("inf"):
+                return prev_le
+            return prev_le + (le - prev_le) * ((rank - prev_n) / (n - prev_n) if n > prev_n else 1.0)
+        prev_le, prev_n = le, n
+    return prev_le
+
+
+def status(base: str) -> str:
+    settings = ServeSettings.from_env()
+    spec = current_spec(_driver(settings, None), base)
+    code, body = http_get(f"{base}/readyz", 5.0)
+    detail = json.loads(body) if body.startswith("{") else {}
+    serving = detail.get("arms") or {}
+    stats = arm_stats(f"http://127.0.0.1:{settings.metrics_port}/metrics")
+    lines = [f"rollout (salt {spec.salt!r}), replica state: {detail.get('rollout', f'unreachable ({code})')}"]
+    lines.append(
+        f"  {'arm':<12}{'role':<12}{'share %':>8}{'answers':>9}{'p50 ms':>8}{'p99 ms':>8}{'degraded':>10}  "
+        f"{'model_version':<20}bundle"
+    )
+    for a in spec.arms:
+        version = (serving.get(a.name) or {}).get("model_version", "-")
+        st = stats.get(a.name, {})
+        lines.append(
+            f"  {a.name:<12}{a.role:<12}{a.weight:>8.1f}{st.get('answers', 0):>9.0f}{st.get('p50', float('nan')):>8.1f}"
+            f"{st.get('p99', float('nan')):>8.1f}{st.get('degraded', float('nan')):>10.2%}  {version:<20}{a.bundle}"
+        )
+    lines.append("  (answers, latency and degraded share since the replicas started, from Ray's metrics agent)")
+    return "\n".join(lines)
