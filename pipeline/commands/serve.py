@@ -43,7 +43,16 @@ BASE_ENV = {
 }
 # Throughput-optimized Serve (direct ingress, user code on the replica's main loop, GC frozen), and a controller that
 # polls less often (its idle CPU fell from ~45 to ~10 ms/s). See docs/benchmarks.md and the 2-core notes.
-TUNED_ENV = {**BASE_ENV, "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+TUNED_ENV = {
+    **BASE_ENV,
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    # Ray starts every worker at nice 15 (its `worker_niceness`), so the replicas, Serve's controller and HAProxy
+    # (a worker's child) all lost the CPU to anything at nice 0 on the node: the raylet, the GCS, a load generator,
+    # another job. Serving runs at the normal priority; a replica that starts still runs low until it is warm
+    # (pipeline/serve/priority.py).
+    "RAY_worker_niceness": "0",
+}
 # Ray starts this in place of HAProxy: it adds `option http-buffer-request` to Ray's generated config (see the script).
 HAPROXY_WRAPPER = Path(__file__).resolve().parents[1] / "serve" / "haproxy_wrapper.sh"
 
