@@ -7,6 +7,7 @@ under plain uvicorn without Ray: the in-process floor that loadtests/bench.py me
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import os
@@ -57,6 +58,21 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
+def trim_heap() -> None:
+    """Hand freed memory back to the OS: Arrow's pool keeps what reading parquet allocated, and glibc keeps freed
+    heap pages, so without this a replica's RSS after loading a bundle holds the load's transient peak."""
+    import ctypes
+    import ctypes.util
+
+    import pyarrow
+
+    pyarrow.default_memory_pool().release_unused()
+    libc = ctypes.util.find_library("c")
+    if libc:
+        with contextlib.suppress(OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+            ctypes.CDLL(libc).malloc_trim(0)
+
+
 def local_stages(core: ServingCore, threads: int) -> LocalStages:
     """The bundle's model stages in this process (the colocated topology)."""
     device = pick_device()
@@ -104,8 +120,13 @@ def make_api(settings: AppArgs, stages: Stages | None = None, recorder: Callable
         arm_stages = local_stages(arm_core, settings.stage_threads)
         return Chain(arm_core, arm_features, arm_stages, settings.knobs, arm_rec, store_state=store_state)
 
+    def arm_chain_trimmed(path: Path) -> Chain:
+        chain = arm_chain(path)
+        trim_heap()  # what loading read and dropped (Arrow buffers, pandas frames) goes back to the OS
+        return chain
+
     async def load(path: str) -> Chain:
-        return await run_low(lambda: arm_chain(Path(path)))
+        return await run_low(lambda: arm_chain_trimmed(Path(path)))
 
     def writer() -> EventWriter:
         return EventWriter(open_store(store), store, settings.events)
