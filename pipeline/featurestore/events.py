@@ -44,12 +44,13 @@ from pipeline.featurestore.store import (
     REDIS_ERRORS,
     RELEASE_LOCK,
     REPLACED_TS_NS,
-    StoreSettings,
     event_lock_key,
     fast_retry,
     read_realtime,
+    redis_client,
     unavailable,
 )
+from settings import StoreSettings
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -293,7 +294,7 @@ class EventWriter:
         self.store = store
         self.store_settings = store_settings
         self.settings = settings
-        self.client = store_settings.client()
+        self.client = redis_client(store_settings)
         self._release = self.client.register_script(RELEASE_LOCK)
         self.log = EventLog(store_settings, self.client)
         self._views = [
