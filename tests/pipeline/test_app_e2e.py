@@ -18,7 +18,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.commands.serve import ServeSettings, http_get, ingress_replicas_up, port_open
+from pipeline.commands.serve import http_get, ingress_replicas_up, port_open
+from settings import ServeSettings
 from tests.conftest import ROOT
 from tests.support.load import open_loop
 
