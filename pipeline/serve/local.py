@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import os
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -35,18 +34,11 @@ from pipeline.featurestore.eventlog import EventLog, rebuild_realtime
 from pipeline.featurestore.events import EventWriter
 from pipeline.featurestore.recovery import StoreWatch, bundle_materializer
 from pipeline.featurestore.store import OnlineFeatures, open_store
-from pipeline.serve.args import PROJECT_ROOT, AppArgs
+from pipeline.serve.args import AppArgs
 from pipeline.serve.metrics import NullRecorder
+from settings import PROJECT_ROOT, configure_process
 
 log = logging.getLogger("recserve")
-
-
-def limit_threads() -> None:
-    # Two cores: one BLAS/torch thread per process; more only contend.
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    import torch
-
-    torch.set_num_threads(int(os.environ.get("RECSERVE_TORCH_THREADS", "1")))
 
 
 def freeze_heap() -> None:
@@ -56,9 +48,14 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
-def make_api(settings: AppArgs, stages: Stages | None = None, recorder: Callable[[str], Any] | None = None) -> Api:
-    """The ingress's Api over `stages`; None runs the models in this process (colocated). `recorder(version)`
-    makes the metrics recorder."""
+def make_api(
+    settings: AppArgs,
+    stages: Stages | None = None,
+    recorder: Callable[[str], Any] | None = None,
+    compile_cache: Path | None = None,
+) -> Api:
+    """The ingress's Api over `stages`; None runs the models in this process (colocated), the blender's compiled
+    trees cached in `compile_cache` (default: the temp dir). `recorder(version)` makes the metrics recorder."""
     bundle = Path(str(settings.bundle))
     core = load_core(bundle)  # verifies every file's hash, once
     if stages is None:
@@ -66,7 +63,7 @@ def make_api(settings: AppArgs, stages: Stages | None = None, recorder: Callable
         stages = LocalStages(
             CFStage(ALSModel.load(core.path, core.settings.cf), device=device),
             ContentStage(ContentModel.load(core.path, device=device)).warm(),
-            BlendStage(BlenderModel.load(core.path, num_threads=1)),
+            BlendStage(BlenderModel.load(core.path, num_threads=1, compile_cache=compile_cache)),
             threads=settings.stage_threads,
         )
     rec = recorder(core.version) if recorder else NullRecorder()
@@ -125,9 +122,11 @@ def main() -> int:
     import uvicorn
 
     try:
-        limit_threads()
+        process = configure_process(torch=True)
         settings = settings_from_config(args.config)
-        api = make_api(settings.model_copy(update={"bundle": settings.bundle_path()}))
+        api = make_api(
+            settings.model_copy(update={"bundle": settings.bundle_path()}), compile_cache=process.compile_cache
+        )
     except RecserveError as exc:
         print(f"pipeline.serve.local: error: {exc}", file=sys.stderr)
         return 2
