@@ -19,6 +19,7 @@ from settings import (
     env_names,
     process_env,
 )
+from tests.conftest import recserve
 
 
 @pytest.fixture
@@ -117,6 +118,19 @@ def test_the_artifacts_root_does_not_depend_on_the_current_directory(clean_env, 
     assert Settings().artifacts == PROJECT_ROOT / "artifacts"
     clean_env.setenv("RECSERVE_ARTIFACTS", "elsewhere")  # relative: from the project root
     assert Settings().artifacts == PROJECT_ROOT / "elsewhere"
+
+
+def test_the_cli_finds_artifacts_from_any_directory(tmp_path):
+    # No bundle under this root: the message names the project's folder, not one under the current directory.
+    out = recserve("evaluate", cwd=tmp_path, env={"RECSERVE_ARTIFACTS": "no-such-artifacts"})
+    assert out.returncode == 2
+    assert f"no bundle in {PROJECT_ROOT / 'no-such-artifacts'}" in out.stderr
+
+
+def test_the_cli_reports_a_bad_variable(tmp_path):
+    out = recserve("evaluate", cwd=tmp_path, env={"RECSERVE_TORCH_THREADS": "lots"})
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "RECSERVE_TORCH_THREADS='lots': Input should be a valid integer" in out.stderr
 
 
 def test_latest_bundle(tmp_path):
