@@ -63,6 +63,7 @@ from pipeline.featurestore.store import (
 )
 from pipeline.serve.metrics import NullRecorder
 from settings import StoreSettings
+from tests.conftest import ROOT
 from tests.pipeline.conftest import catalog, manifest
 from tests.support.redis_server import OwnRedis, client_for, port_taken
 
@@ -174,7 +175,7 @@ def test_the_drill_redis_runs_append_only_everysec(own_redis):
 def test_ensure_redis_starts_an_append_only_redis_in_the_given_dir(tmp_path):
     if port_taken(SPARE_PORT):
         pytest.fail(f"port {SPARE_PORT} is taken: this test starts a Redis of its own there; free the port")
-    script = Path(__file__).resolve().parents[2] / "deploy" / "ensure-redis.sh"
+    script = ROOT / "deploy" / "ensure-redis.sh"
     env = {"PATH": os.environ["PATH"], "REDIS_PORT": str(SPARE_PORT), "RECSERVE_REDIS_DIR": str(tmp_path)}
     out = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=30)
     client = client_for(SPARE_PORT)
