@@ -12,7 +12,7 @@ batch whose answer it never got.
 
 `FeatureStore.push` re-reads the registry on every call (about 20 ms of Python here). The writer resolves the
 push source's feature views once and hands each batch to the same provider write that `push` ends in;
-tests/pipeline/test_events.py proves the stored bytes equal what `push` stores.
+tests/pipeline/featurestore/test_events.py proves the stored bytes equal what `push` stores.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ read path a request takes.
 
 The read path goes under Feast's SDK: it computes Feast's own Redis keys and hash fields and reads a user's
 batch and real-time rows in one pipelined round trip (Feast's `get_online_features` costs about 1 ms of Python
-for the same). tests/pipeline/test_store.py proves both return the same values.
+for the same). tests/pipeline/featurestore/test_store.py proves both return the same values.
 """
 
 from __future__ import annotations
