@@ -3,13 +3,14 @@ process's environment (`configure_process`).
 
 Why a module of its own, at the top: every process reads it (the CLI, Ray's replicas, the plain uvicorn floor,
 the plain `feast` CLI through feature_repo/, the load tests, the tests), and each of those layers must be able to
-import it without importing upwards. It imports nothing of the project but models.errors (for ConfigError), so
-feature_repo/, training/, pipeline/ and loadtests/ all sit above it. models/ and chain/ never read it: they take
+import it without importing upwards. It imports nothing of the project but models.errors (for ConfigError; and
+models.bundle inside latest_bundle(), whose LATEST reader it reuses), so feature_repo/, training/, pipeline/ and
+loadtests/ all sit above it. models/ and chain/ never read it: they take
 what they need as arguments (a compile cache, a thread count), so they stay free of process configuration and
 testable without it. It is not models/settings.py: TrainSettings there are a bundle's training settings, recorded
 in its manifest; these say where a process finds Redis, Feast, the artifacts and its ports.
 
-Every field reads one environment variable; the names are the ones recserve has always used (RECSERVE_REDIS,
+Every setting reads one environment variable; the names are the ones recserve has always used (RECSERVE_REDIS,
 RECSERVE_FEAST_PROJECT, RECSERVE_RAY_PORT, RECSERVE_TORCH_THREADS, ...), listed by `env_names()`. Keyword
 arguments win over the environment, an empty variable counts as unset, and a bad value raises ConfigError
 naming the variable and the fix. Importing this loads pydantic and nothing heavy (no numpy, torch or Feast), so
