@@ -59,8 +59,8 @@ demo: venv redis
 	$(BIN)/recserve serve
 
 lint: venv
-	$(BIN)/ruff check models pipeline feature_repo loadtests tests
-	$(BIN)/ruff format --check models pipeline feature_repo loadtests tests
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: venv redis lint
 	$(BIN)/python -m pytest tests

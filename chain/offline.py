@@ -105,8 +105,11 @@ class OfflineChain:
         return Recommendation(q.user_id, self.version, items, candidates=len(r.candidates))
 
 
-def open_offline(bundle: Path, store: FeatureStore | None = None, knobs: Knobs | None = None) -> OfflineChain:
-    """A verified bundle's chain, models in this process (CPU), users' features from `store` or the bundle."""
+def open_offline(
+    bundle: Path, store: FeatureStore | None = None, knobs: Knobs | None = None, compile_cache: Path | None = None
+) -> OfflineChain:
+    """A verified bundle's chain, models in this process (CPU), users' features from `store` or the bundle;
+    `compile_cache` is where the blender's compiled trees are kept (default: the temp dir)."""
     core: ServingCore = load_core(bundle)
     path = core.path
     return OfflineChain(
@@ -115,7 +118,7 @@ def open_offline(bundle: Path, store: FeatureStore | None = None, knobs: Knobs |
         core.settings,
         CFStage(ALSModel.load(path, core.settings.cf)),
         ContentStage(ContentModel.load(path)),
-        BlendStage(Blender.load(path)),
+        BlendStage(Blender.load(path, compile_cache=compile_cache)),
         store,
         knobs,
         core.version,

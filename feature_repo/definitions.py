@@ -8,18 +8,18 @@ belong to the user, whatever bundle serves them.
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 from pathlib import Path
 
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
 from feast.types import Array, FeastType, Float32, Int64, String
 
+from models.errors import BundleNotFoundError
 from models.features import BUNDLE_KEY, EVENT_TIMESTAMP, FEATURES, ITEM_KEY, USER_KEY, USER_NUMERIC_FEATURES
 from models.snapshot import ITEM_FEATURES_FILE, USER_FEATURES_FILE
+from settings import Settings, StoreSettings
 
 REPO = Path(__file__).resolve().parent
-ARTIFACTS = REPO.parent / "artifacts"
 
 USER_BATCH = "user_batch"
 ITEM_BATCH = "item_batch"
@@ -62,13 +62,6 @@ bundle = Entity(
 )
 
 
-def default_event_log_dir(project: str | None = None) -> Path:
-    """Where the event log's hourly parquet files live: RECSERVE_EVENT_LOG_DIR, else data/event_log/<project> here
-    (one folder per Feast project, as Redis keys are, so a scratch project never writes into another's files)."""
-    project = project or os.environ.get("RECSERVE_FEAST_PROJECT") or "recserve"
-    return Path(os.environ.get("RECSERVE_EVENT_LOG_DIR") or REPO / "data" / "event_log" / project).resolve()
-
-
 def realtime_view(event_log_dir: Path) -> tuple[PushSource, FeatureView]:
     """The push source, whose offline twin is the event log's directory of hourly files, and its view."""
     source = PushSource(
@@ -90,7 +83,7 @@ def realtime_view(event_log_dir: Path) -> tuple[PushSource, FeatureView]:
     return source, view
 
 
-user_events, user_realtime = realtime_view(default_event_log_dir())
+user_events, user_realtime = realtime_view(StoreSettings().event_log_dir)
 
 
 def _batch_view(name: str, key_entity: Entity, group: str, file: Path) -> FeatureView:
@@ -132,9 +125,9 @@ def services(
 
 def objects(bundle_dir: Path, event_log_dir: Path | None = None) -> list[object]:
     """Everything to apply, with the batch sources over `bundle_dir` and the event log's files in
-    `event_log_dir` (default: `default_event_log_dir()`)."""
+    `event_log_dir` (default: the store settings' event_log_dir)."""
     user_view, item_view = batch_views(bundle_dir)
-    source, realtime = realtime_view(event_log_dir or default_event_log_dir())
+    source, realtime = realtime_view(event_log_dir or StoreSettings().event_log_dir)
     return [
         customer,
         product,
@@ -149,10 +142,13 @@ def objects(bundle_dir: Path, event_log_dir: Path | None = None) -> list[object]
 
 def _default_bundle() -> Path:
     # For the plain `feast` CLI: RECSERVE_BUNDLE, else the bundle artifacts/LATEST names.
-    if env := os.environ.get("RECSERVE_BUNDLE"):
-        return Path(env).resolve()
-    latest = ARTIFACTS / "LATEST"
-    return ARTIFACTS / latest.read_text().strip() if latest.is_file() else ARTIFACTS / "no-bundle-yet"
+    settings = Settings()
+    if settings.feast_bundle is not None:
+        return settings.feast_bundle.resolve()
+    try:
+        return settings.latest_bundle()
+    except BundleNotFoundError:
+        return settings.artifacts / "no-bundle-yet"
 
 
 user_batch, item_batch = batch_views(_default_bundle())

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loadtests import arrivals
 from loadtests.bars import verdict_lines, verdict_markdown, verdicts
 from loadtests.systems import ROOT, SYSTEMS, Step, locust_step, running
-from pipeline.commands.serve import ServeSettings
+from settings import ServeSettings
 
 # Fine steps around the bars (colocated 200, floor 200-350 with 0.75x of it) and coarse ones elsewhere; 10 is there
 # because naive Ray Serve may hold nothing above it.
@@ -55,7 +55,7 @@ def busy_cpu_s() -> float:
 
 def scrape() -> dict[tuple[str, str, float], float]:
     """Cumulative histogram buckets of recserve's stage and request latencies, summed over replicas."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{ServeSettings.from_env().metrics_port}/metrics", timeout=5) as r:
+    with urllib.request.urlopen(f"http://127.0.0.1:{ServeSettings().metrics_port}/metrics", timeout=5) as r:
         text = r.read().decode()
     out: dict[tuple[str, str, float], float] = {}
     pattern = re.compile(r"^ray_recserve_(stage|request)_latency_ms_bucket\{(.*)\} (\S+)$", re.M)

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.commands.serve import ServeSettings, http_get, port_open
+from pipeline.commands.serve import http_get, port_open, ray_env
+from settings import PROJECT_ROOT, ServeSettings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = PROJECT_ROOT
 COLOCATED_CONFIG = ROOT / "deploy" / "serve_config.yaml"
 # What the colocated app runs when its config does not say: one ingress replica per core (pipeline.serve.app.build_app).
 DEFAULT_REPLICAS = os.cpu_count() or 1
@@ -61,7 +62,7 @@ class Pool:
     balance: str = "leastconn"
     nbthread: int = 4
     maxconn: int = 4096
-    retry_on: str = ServeSettings().ray_env()["RAY_SERVE_HAPROXY_RETRY_ON"]
+    retry_on: str = ray_env(ServeSettings())["RAY_SERVE_HAPROXY_RETRY_ON"]
     retries: int = 3  # HAProxy's own default, written out
     timeout_connect_s: int = 5
     timeout_server_s: int = 10  # deploy/serve_config.yaml's request_timeout_s

@@ -18,13 +18,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtests.systems import BIN, ROOT, SYSTEMS, locust_step, running
+from models.errors import BundleNotFoundError
+from settings import Settings
 
 RUNS = (("colocated", 20.0, 60.0), ("distributed", 10.0, 30.0))
 
 
 def prepare() -> None:
     recserve = str(BIN / "recserve")
-    if not (ROOT / "artifacts" / "LATEST").exists():
+    try:
+        Settings().latest_bundle()
+    except BundleNotFoundError:
         subprocess.run([recserve, "train", "-q"], cwd=ROOT, check=True)
     subprocess.run([recserve, "features", "apply"], cwd=ROOT, check=True, capture_output=True)
     subprocess.run([recserve, "features", "materialize"], cwd=ROOT, check=True, capture_output=True)

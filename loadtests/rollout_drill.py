@@ -36,7 +36,7 @@ from chain.rollout import ArmSpec, RolloutSpec
 from loadtests import arrivals
 from loadtests.traffic import load
 from pipeline.commands import rollout
-from pipeline.commands.serve import ServeSettings
+from settings import ServeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,7 +160,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "rollout-drill")
     args = p.parse_args()
     base = args.url.rstrip("/")
-    settings = ServeSettings.from_env()
+    settings = ServeSettings()
     a = rollout.current_spec(rollout._driver(settings, None), base).champion.bundle
     b = str(args.bundle_b.resolve())
     specs = {a: RolloutSpec.single(a), b: RolloutSpec.single(b)}

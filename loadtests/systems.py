@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loadtests.floor import Pool, ingress_replicas, running_pool
-from pipeline.commands.serve import ServeSettings, port_open
+from pipeline.commands.serve import port_open
+from settings import PROJECT_ROOT, ServeSettings, process_env
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = PROJECT_ROOT
 BIN = Path(sys.executable).parent
 SERVE_PORT = 8000  # the configs' http_options.port: Serve's HAProxy (or proxy) holds it until the system is down
 FLOOR = Pool(workers=ingress_replicas())
@@ -37,7 +38,7 @@ class System:
     @property
     def ports(self) -> list[int]:
         """What it listens on: free before it starts, and waited for after it stops."""
-        return [ServeSettings.from_env().ray_port, SERVE_PORT] if self.ray else [FLOOR.port, *FLOOR.worker_ports]
+        return [ServeSettings().ray_port, SERVE_PORT] if self.ray else [FLOOR.port, *FLOOR.worker_ports]
 
 
 SYSTEMS = {
@@ -75,7 +76,7 @@ def running(system: System, log_path: Path, timeout_s: float = 300) -> Iterator[
     taken = [port for port in system.ports if port_open(port)]
     if taken:
         raise RuntimeError(f"port(s) {taken} are taken: stop the recserve, Ray or floor that holds them")
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **process_env(), "PYTHONUNBUFFERED": "1"}
     if not system.ray:
         try:
             with running_pool(FLOOR, log_path, env, timeout_s) as url:

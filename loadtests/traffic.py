@@ -6,15 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from settings import DATA_FILE, Settings
 from training.queries import PRODUCT_QUERIES
 
-ROOT = Path(__file__).resolve().parents[1]
 QUERIES = PRODUCT_QUERIES
 QUERY_SHARE = 0.05  # of /recommend calls
-
-
-def default_bundle() -> Path:
-    return ROOT / "artifacts" / (ROOT / "artifacts" / "LATEST").read_text().strip()
 
 
 @dataclass(frozen=True)
@@ -30,9 +26,9 @@ def load(bundle: Path | None = None) -> Traffic:
     from models.data import load_clean
     from models.split import holdout_truth, resolve_split
 
-    bundle = bundle or default_bundle()
+    bundle = bundle or Settings().latest_bundle()
     manifest = read_manifest(bundle)
-    data = load_clean(ROOT / "data" / "online_retail.parquet")
+    data = load_clean(DATA_FILE)
     split = resolve_split(data, manifest.cutoff.date(), manifest.settings.split)
     known = set(pd.read_parquet(bundle / "user_features.parquet")["user_id"].astype(str))
     items = pd.read_parquet(bundle / "catalog.parquet")["item_id"].astype(str).tolist()

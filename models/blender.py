@@ -107,13 +107,16 @@ class Blender:
         return [BLENDER_FILE]
 
     @classmethod
-    def load(cls, directory: Path, num_threads: int = 1, compile: bool = True) -> Blender:
-        """`compile=False` scores with LightGBM itself (the reference the compiled trees are tested against)."""
+    def load(
+        cls, directory: Path, num_threads: int = 1, compile: bool = True, compile_cache: Path | None = None
+    ) -> Blender:
+        """`compile=False` scores with LightGBM itself (the reference the compiled trees are tested against);
+        `compile_cache` is where compiled trees are kept (default: the temp dir; settings.Settings.compile_cache)."""
         try:
             booster = lgb.Booster(model_file=str(directory / BLENDER_FILE))
         except lgb.basic.LightGBMError as exc:
             raise BundleIntegrityError(f"{directory / BLENDER_FILE} is not a LightGBM model ({exc}): retrain") from exc
-        compiled = compile_trees(directory / BLENDER_FILE) if compile else None
+        compiled = compile_trees(directory / BLENDER_FILE, compile_cache) if compile else None
         return cls(booster, num_threads=num_threads, compiled=compiled)
 
 
@@ -122,10 +125,10 @@ def _trim(booster: lgb.Booster, n_trees: int) -> lgb.Booster:
     return lgb.Booster(model_str=booster.model_to_string(num_iteration=n_trees))
 
 
-def compile_trees(model_file: Path) -> Any:
+def compile_trees(model_file: Path, cache_dir: Path | None = None) -> Any:
     """The model's trees compiled to native code for this CPU by lleaves (LLVM), or None where lleaves cannot run
-    (then LightGBM scores; a warning says so). Compiling takes about 2 s, so the object file is cached under
-    $RECSERVE_COMPILE_CACHE (default: the temp dir) by the model's SHA-256 and the CPU, written atomically."""
+    (then LightGBM scores; a warning says so). Compiling takes about 2 s, so the object file is cached in
+    <cache_dir>/recserve-lleaves/ (default: the temp dir) by the model's SHA-256 and the CPU, written atomically."""
     try:
         import lleaves
         from llvmlite import binding
@@ -136,7 +139,7 @@ def compile_trees(model_file: Path) -> Any:
         return None
     digest = hashlib.sha256(model_file.read_bytes()).hexdigest()[:32]
     cpu = f"{platform.machine()}-{binding.get_host_cpu_name()}"
-    cache = Path(os.environ.get("RECSERVE_COMPILE_CACHE", tempfile.gettempdir())) / "recserve-lleaves"
+    cache = Path(cache_dir or tempfile.gettempdir()) / "recserve-lleaves"
     path = cache / f"{digest}-{cpu}-lleaves{version}.o"
     model = lleaves.Model(model_file=str(model_file))
     if path.exists():

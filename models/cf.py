@@ -11,7 +11,6 @@ fixed item factors; a new user or a real-time event thus moves CF scores without
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -79,8 +78,6 @@ class ALSModel:
     def fit(
         cls, counts: sp.csr_matrix, settings: CFSettings, seed: int, num_threads: int, show_progress: bool
     ) -> ALSModel:
-        # implicit warns (and slows) when OpenBLAS runs its own thread pool under ALS's threads.
-        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
         from implicit.cpu.als import AlternatingLeastSquares
         from threadpoolctl import threadpool_limits
 
@@ -95,6 +92,7 @@ class ALSModel:
             random_state=seed,
             num_threads=num_threads,
         )
+        # implicit warns (and slows) when OpenBLAS runs its own thread pool under ALS's threads.
         with threadpool_limits(1, "blas"):
             model.fit(confidence.astype(np.float32).tocsr(), show_progress=show_progress)
         return cls(model.user_factors, model.item_factors, weighting)

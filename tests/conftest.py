@@ -6,16 +6,17 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from settings import DATA_FILE, PROJECT_ROOT, configure_process
 
-import pandas as pd
-import pytest
+configure_process()  # as every entry point does, before numpy loads (pytest's plugins may have loaded it: then capped)
 
-from models.data import CleanData, load_clean
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "data" / "online_retail.parquet"
+from models.data import CleanData, load_clean  # noqa: E402
+
+ROOT = PROJECT_ROOT
+DATA = DATA_FILE
 
 
 @pytest.fixture(scope="session")

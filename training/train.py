@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 import platform
 import shutil
 import time
@@ -93,7 +92,6 @@ def train(
     data: CleanData | None = None,
 ) -> TrainResult:
     settings = settings or TrainSettings()
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     started = time.perf_counter()
     created = dt.datetime.now(dt.UTC)
     version = bundle_mod.check_version_name(version or created.strftime("v%Y%m%d-%H%M%S"))

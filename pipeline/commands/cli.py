@@ -1,21 +1,23 @@
-"""The `recserve` command. Subcommands import their heavy modules lazily, so `--help` is instant."""
+"""The `recserve` command. Subcommands import their heavy modules lazily, so `--help` is instant and works whatever
+the environment holds. `main` then reads the settings (settings.Settings: a bad RECSERVE_* value exits 2 with its
+name) and prepares the process before any subcommand loads numpy.
+
+Paths given on the command line are taken from the current directory; the defaults (the artifacts root, the data,
+the serve config) are the project's own, from any directory.
+"""
 
 from __future__ import annotations
-
-import os
-
-# Before numpy loads: on two cores, BLAS threads under ALS's and LightGBM's own threads only contend.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse
 import datetime as dt
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DATA = PROJECT_ROOT / "data" / "online_retail.parquet"
-DEFAULT_ARTIFACTS = Path("artifacts")
+if TYPE_CHECKING:
+    from settings import Settings
+
+ARTIFACTS_HELP = "artifacts root (default: RECSERVE_ARTIFACTS, else the project's artifacts/)"
 
 
 def _date(text: str) -> dt.date:
@@ -29,17 +31,29 @@ def _progress(args: argparse.Namespace) -> bool:
     return not args.quiet and sys.stderr.isatty()
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _bundle(args: argparse.Namespace, settings: Settings) -> Path:
+    """--bundle, else the one LATEST names under --artifacts (else the settings' artifacts root)."""
+    from models import bundle as bundle_mod
+
+    return bundle_mod.resolve(args.bundle, args.artifacts or settings.artifacts)
+
+
+def _data(args: argparse.Namespace) -> Path:
+    from settings import DATA_FILE
+
+    return args.data or DATA_FILE
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     from models.settings import TrainSettings
     from training.train import train
 
-    settings = _load_settings(args.settings) if args.settings else TrainSettings()
     result = train(
-        data_path=args.data,
-        out=args.out,
+        data_path=_data(args),
+        out=args.out or settings.artifacts,
         cutoff=args.cutoff,
         version=args.version,
-        settings=settings,
+        settings=_load_settings(args.settings) if args.settings else TrainSettings(),
         progress=_progress(args),
     )
     ev = result.evaluation
@@ -67,7 +81,7 @@ def _load_settings(path: Path):  # noqa: ANN202 - returns TrainSettings, importe
         raise ConfigError(f"--settings {path}: field {field!r}: {first['msg']}") from None
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     import random
 
     from tqdm.auto import tqdm
@@ -80,16 +94,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate, query_steering
     from training.queries import PRODUCT_QUERIES
 
-    path = bundle_mod.resolve(args.bundle, args.artifacts)
-    chain = open_offline(path)
+    path = _bundle(args, settings)
+    chain = open_offline(path, compile_cache=settings.compile_cache)
     manifest = bundle_mod.read_manifest(path)
     recorded = manifest.data["sha256"]
-    if sha256_file(args.data) != recorded:
+    data_path = _data(args)
+    if sha256_file(data_path) != recorded:
         raise DataError(
-            f"{args.data} is not the data bundle {chain.version} was trained on (sha256 {recorded[:12]}…): "
+            f"{data_path} is not the data bundle {chain.version} was trained on (sha256 {recorded[:12]}…): "
             "pass that file with --data, or retrain"
         )
-    data = load_clean(args.data)
+    data = load_clean(data_path)
     split = resolve_split(data, manifest.cutoff.date(), chain.settings.split)
     truth = holdout_truth(data.interactions, split, set(chain.snapshot.user_index))
     with tqdm(total=len(truth), desc="evaluate", unit="user", disable=not _progress(args)) as bar:
@@ -107,83 +122,80 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_replay(args: argparse.Namespace) -> int:
-    from models import bundle as bundle_mod
+def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.commands.replay import replay
 
-    path = bundle_mod.resolve(args.bundle, args.artifacts)
-    n = replay(args.requests, path, args.out)
+    path = _bundle(args, settings)
+    n = replay(args.requests, path, args.out, compile_cache=settings.compile_cache)
     print(f"replayed {n} requests through bundle {path.name}'s chain into {args.out}")
     return 0
 
 
-def _store(args: argparse.Namespace):  # noqa: ANN202 - (StoreSettings, FeatureStore), imported lazily
-    from pydantic import ValidationError
+def _store(args: argparse.Namespace, settings: Settings):  # noqa: ANN202 - (StoreSettings, FeatureStore), lazily
+    from pipeline.featurestore.store import open_store
+    from settings import StoreSettings
 
-    from models.errors import ConfigError
-    from pipeline.featurestore.store import StoreSettings, open_store
-
-    try:
-        settings = StoreSettings(**({"project": args.project} if args.project else {}))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(f"feature store setting {first['loc'][0]!r}: {first['msg']}") from None
-    return settings, open_store(settings)
+    store_settings = StoreSettings(project=args.project) if args.project else settings.store
+    return store_settings, open_store(store_settings)
 
 
-def cmd_features_apply(args: argparse.Namespace) -> int:
+def cmd_features_apply(args: argparse.Namespace, settings: Settings) -> int:
     from models import bundle as bundle_mod
     from pipeline.featurestore.store import apply
 
-    path = bundle_mod.resolve(args.bundle, args.artifacts)
+    path = _bundle(args, settings)
     bundle_mod.read_manifest(path)
-    settings, store = _store(args)
-    for line in apply(store, path, settings.event_log_dir):
+    store_settings, store = _store(args, settings)
+    for line in apply(store, path, store_settings.event_log_dir):
         print(f"applied {line}")
-    print(f"feature store ready: project {settings.project}, registry {settings.registry}, Redis {settings.redis}")
+    print(
+        f"feature store ready: project {store_settings.project}, registry {store_settings.registry}, "
+        f"Redis {store_settings.redis}"
+    )
     return 0
 
 
-def cmd_features_materialize(args: argparse.Namespace) -> int:
+def cmd_features_materialize(args: argparse.Namespace, settings: Settings) -> int:
     from models import bundle as bundle_mod
     from pipeline.featurestore.store import materialize
 
-    path = bundle_mod.resolve(args.bundle, args.artifacts)
+    path = _bundle(args, settings)
     manifest = bundle_mod.read_manifest(path)
     bundle_mod.verify(path, manifest)
-    settings, store = _store(args)
-    record = materialize(store, settings, path, manifest)
+    store_settings, store = _store(args, settings)
+    record = materialize(store, store_settings, path, manifest)
     print(
-        f"materialized bundle {manifest.version} into project {settings.project}: {record['users']} users, "
+        f"materialized bundle {manifest.version} into project {store_settings.project}: {record['users']} users, "
         f"{record['items']} items (as of {record['cutoff'][:10]}); other bundles' rows are untouched"
     )
     return 0
 
 
-def cmd_features_bench(args: argparse.Namespace) -> int:
+def cmd_features_bench(args: argparse.Namespace, settings: Settings) -> int:
     from models import bundle as bundle_mod
     from pipeline.featurestore.bench import run
 
-    path = bundle_mod.resolve(args.bundle, args.artifacts)
+    path = _bundle(args, settings)
     manifest = bundle_mod.read_manifest(path)
     bundle_mod.verify(path, manifest)
-    report = run(path, manifest, reads=args.reads, events=args.events, seed=args.seed)
+    report = run(path, manifest, settings.store, reads=args.reads, events=args.events, seed=args.seed)
     print(report)
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.commands.serve import serve
 
-    return serve(args.config, args.timeout, args.num_cpus, tuned=not args.ray_defaults)
+    config = args.config or settings.project_root / "deploy" / "serve_config.yaml"
+    return serve(config, args.timeout, args.num_cpus, tuned=not args.ray_defaults, settings=settings)
 
 
 def _data_and_quiet(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Online Retail parquet (default: shipped copy)")
+    p.add_argument("--data", type=Path, help="Online Retail parquet (default: the project's shipped copy)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
-def cmd_rollout(args: argparse.Namespace) -> int:
+def cmd_rollout(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.commands import rollout
 
     base = args.url.rstrip("/")
@@ -192,13 +204,13 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             from models.errors import ConfigError
 
             raise ConfigError("give one of --canary PCT or --ab PCT: the share of users the new bundle serves")
-        spec = rollout.start(args.bundle, args.canary, args.ab, args.salt, args.tolerance, base)
+        spec = rollout.start(args.bundle, args.canary, args.ab, args.salt, args.tolerance, base, settings.serve)
     elif args.rollout_command == "promote":
-        spec = rollout.promote(base)
+        spec = rollout.promote(base, settings.serve)
     elif args.rollout_command == "rollback":
-        spec = rollout.rollback(base)
+        spec = rollout.rollback(base, settings.serve)
     else:
-        print(rollout.status(base))
+        print(rollout.status(base, settings.serve))
         return 0
     print(f"serving: {', '.join(f'{a.name} {a.weight:g}% ({a.bundle})' for a in spec.arms)} (salt {spec.salt!r})")
     return 0
@@ -228,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and evaluate the bundle on the holdout after the cutoff.",
     )
     train.add_argument("--cutoff", type=_date, help="split date YYYY-MM-DD (default: 30 days before the last invoice)")
-    train.add_argument("--out", type=Path, default=DEFAULT_ARTIFACTS, help="artifacts root (default: %(default)s)")
+    train.add_argument("--out", type=Path, help=ARTIFACTS_HELP)
     train.add_argument("--version", help="bundle name (default: v<UTC timestamp>)")
     train.add_argument("--settings", type=Path, help="JSON file overriding TrainSettings fields")
     _data_and_quiet(train)
@@ -241,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         "before and after the bundle's cutoff.",
     )
     ev.add_argument("--bundle", type=Path, help="bundle directory (default: the one artifacts/LATEST names)")
-    ev.add_argument("--artifacts", type=Path, default=DEFAULT_ARTIFACTS, help="artifacts root (default: %(default)s)")
+    ev.add_argument("--artifacts", type=Path, help=ARTIFACTS_HELP)
     ev.add_argument("--json", type=Path, help="metrics JSON path (default: <bundle>/evaluation.json)")
     ev.add_argument("--plot", type=Path, help="PNG chart path (default: <bundle>/evaluation.png)")
     _data_and_quiet(ev)
@@ -257,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--requests", type=Path, required=True, help="JSON-lines file of requests")
     rep.add_argument("--out", type=Path, required=True, help="JSON-lines file of answers to write")
     rep.add_argument("--bundle", type=Path, help="bundle directory (default: the one artifacts/LATEST names)")
-    rep.add_argument("--artifacts", type=Path, default=DEFAULT_ARTIFACTS, help="artifacts root (default: %(default)s)")
+    rep.add_argument("--artifacts", type=Path, help=ARTIFACTS_HELP)
     rep.set_defaults(func=cmd_replay)
 
     feats = sub.add_parser(
@@ -275,9 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = fsub.add_parser(name, help=text, description=text)
         p.add_argument("--bundle", type=Path, help="bundle directory (default: the one artifacts/LATEST names)")
-        p.add_argument(
-            "--artifacts", type=Path, default=DEFAULT_ARTIFACTS, help="artifacts root (default: %(default)s)"
-        )
+        p.add_argument("--artifacts", type=Path, help=ARTIFACTS_HELP)
         if name == "bench":
             p.add_argument("--reads", type=int, default=5000, help="hydration reads to time (default: %(default)s)")
             p.add_argument("--events", type=int, default=1000, help="event writes to time (default: %(default)s)")
@@ -292,14 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a local Ray head (port 6380) unless one runs at RAY_ADDRESS, `serve run` the config, "
         "wait until every replica is up and warm, and print the client URL (HAProxy on the config's HTTP port, "
         "8000) and a curl line. On SIGTERM or Ctrl-C it shuts the app down and stops the Ray it started, by its "
-        "process ids. Ports and folders come from RECSERVE_* variables (see pipeline/commands/serve.py).",
+        "process ids. Ports and folders come from RECSERVE_* variables (settings.ServeSettings).",
     )
-    srv.add_argument(
-        "--config",
-        type=Path,
-        default=PROJECT_ROOT / "deploy" / "serve_config.yaml",
-        help="serve config (default: deploy/serve_config.yaml, colocated)",
-    )
+    srv.add_argument("--config", type=Path, help="serve config (default: the project's deploy/serve_config.yaml)")
     srv.add_argument("--timeout", type=float, default=300, help="seconds to wait for the app (default: %(default)s)")
     srv.add_argument("--num-cpus", type=int, help="CPUs for a Ray head it starts (default: all)")
     srv.add_argument(
@@ -343,9 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from models.errors import RecserveError
+    from settings import configure_process
 
     try:
-        return int(args.func(args))
+        # Before any subcommand imports numpy: OpenBLAS reads its thread count when it loads.
+        settings = configure_process()
+        return int(args.func(args, settings))
     except RecserveError as exc:
         print(f"recserve {args.command}: error: {exc}", file=sys.stderr)
         return 2

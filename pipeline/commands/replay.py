@@ -80,10 +80,17 @@ def answer(r: Recommendation) -> dict[str, Any]:
     }
 
 
-def replay(requests: Path, bundle: Path, out: Path, settings: EventSettings | None = None) -> int:
-    """Answers every request of `requests` into `out` (JSON lines, same order); returns how many."""
+def replay(
+    requests: Path,
+    bundle: Path,
+    out: Path,
+    settings: EventSettings | None = None,
+    compile_cache: Path | None = None,
+) -> int:
+    """Answers every request of `requests` into `out` (JSON lines, same order); returns how many. `compile_cache`:
+    where the blender's compiled trees are kept (default: the temp dir)."""
     settings = settings or EventSettings()
-    chain: OfflineChain = open_offline(bundle)
+    chain: OfflineChain = open_offline(bundle, compile_cache=compile_cache)
     known = frozenset(chain.snapshot.item_ids.tolist())
     windows: dict[str, Realtime] = {}
     chain.store = BundleFeatures(chain.snapshot, windows)

@@ -17,15 +17,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from chain.rollout import ArmSpec, RolloutSpec
 from models.bundle import Manifest, verified
 from models.errors import ConfigError, NotMaterializedError, RecserveError
-from pipeline.commands.serve import ServeSettings, http_get
-
-if TYPE_CHECKING:
-    from pipeline.featurestore.store import StoreSettings
+from pipeline.commands.serve import http_get
+from settings import ServeSettings, StoreSettings
 
 APP = "recserve"
 # Reads the deployed config of every application (and Serve's HTTP options) and, given a rollout, deploys the same
@@ -104,8 +102,6 @@ def current_spec(config: dict[str, Any], base: str) -> RolloutSpec:
 
 
 def _store(config: dict[str, Any]) -> StoreSettings:
-    from pipeline.featurestore.store import StoreSettings  # Feast's import takes seconds: only `start` needs it
-
     return StoreSettings.model_validate((config.get("args") or {}).get("store") or {})
 
 
@@ -149,7 +145,7 @@ def offline_gate(champion: Path, candidate: Path, tolerance: float) -> str:
 
 
 def require_materialized(store: StoreSettings, bundle: Path, version: str) -> None:
-    from pipeline.featurestore.store import marker_key, require_redis
+    from pipeline.featurestore.store import marker_key, require_redis  # Feast's import takes seconds
 
     if not require_redis(store).exists(marker_key(store.project, version)):
         raise NotMaterializedError(
@@ -174,17 +170,21 @@ def _wait_serving(base: str, spec: RolloutSpec, timeout_s: float) -> dict[str, A
     raise RecserveError(f"the replicas did not all serve the new arms within {timeout_s:.0f} s; last /readyz: {detail}")
 
 
-def deploy(spec: RolloutSpec, base: str, timeout_s: float, settings: ServeSettings | None = None) -> dict[str, Any]:
-    settings = settings or ServeSettings.from_env()
+def deploy(spec: RolloutSpec, base: str, timeout_s: float, settings: ServeSettings) -> dict[str, Any]:
     _driver(settings, spec)
     return _wait_serving(base, spec, timeout_s)
 
 
 def start(
-    bundle: Path, canary: float | None, ab: float | None, salt: str | None, tolerance: float, base: str
+    bundle: Path,
+    canary: float | None,
+    ab: float | None,
+    salt: str | None,
+    tolerance: float,
+    base: str,
+    settings: ServeSettings,
 ) -> RolloutSpec:
     """The current champion plus `bundle` as a canary (or an A/B challenger) at the given percent of users."""
-    settings = ServeSettings.from_env()
     config = _driver(settings, None)
     champion = current_spec(config, base).champion
     path, manifest, _ = verified(bundle.resolve())
@@ -203,24 +203,24 @@ def start(
     return spec
 
 
-def promote(base: str) -> RolloutSpec:
+def promote(base: str, settings: ServeSettings) -> RolloutSpec:
     """The one challenger or canary becomes the champion, for every user."""
-    spec = current_spec(_driver(ServeSettings.from_env(), None), base)
+    spec = current_spec(_driver(settings, None), base)
     others = [a for a in spec.arms if a.role != "champion"]
     if len(others) != 1:
         raise ConfigError(f"promote needs exactly one challenger or canary; the rollout has {len(others)}")
     new = RolloutSpec(
         salt=spec.salt, arms=(others[0].model_copy(update={"weight": 100.0, "role": "champion", "name": "champion"}),)
     )
-    deploy(new, base, 300.0)
+    deploy(new, base, 300.0, settings)
     return new
 
 
-def rollback(base: str) -> RolloutSpec:
+def rollback(base: str, settings: ServeSettings) -> RolloutSpec:
     """Every user back on the champion."""
-    spec = current_spec(_driver(ServeSettings.from_env(), None), base)
+    spec = current_spec(_driver(settings, None), base)
     new = RolloutSpec(salt=spec.salt, arms=(spec.champion.model_copy(update={"weight": 100.0}),))
-    deploy(new, base, 300.0)
+    deploy(new, base, 300.0, settings)
     return new
 
 
@@ -272,8 +272,7 @@ def _quantile(cum: list[tuple[float, float]], q: float) -> float:
     return prev_le
 
 
-def status(base: str) -> str:
-    settings = ServeSettings.from_env()
+def status(base: str, settings: ServeSettings) -> str:
     spec = current_spec(_driver(settings, None), base)
     code, body = http_get(f"{base}/readyz", 5.0)
     detail = json.loads(body) if body.startswith("{") else {}

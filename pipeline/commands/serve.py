@@ -3,8 +3,8 @@ Ctrl-C a shutdown of exactly what it started.
 
 The client URL is Ray Serve's HAProxy (`RAY_SERVE_ENABLE_HA_PROXY=1`) on the config's HTTP port (8000): it balances
 over the ingress replicas' own direct ports, so it stays put while replicas restart, move or are redeployed. The
-ports and folders that Ray, Serve and HAProxy use all come from `ServeSettings`, so a second instance (the
-end-to-end tests) can run beside the first without touching it.
+ports and folders that Ray, Serve and HAProxy use all come from `Settings.serve` (settings.ServeSettings,
+RECSERVE_<FIELD>), so a second instance (the end-to-end tests) can run beside the first without touching it.
 
 Stopping: `serve run` gets SIGINT (it shuts Serve down, HAProxy included); then, only if this command started the
 Ray head, that head gets SIGTERM, and whatever is left of its process session is killed by that session's id.
@@ -29,13 +29,11 @@ from pathlib import Path
 from types import FrameType
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from models.errors import ConfigError, RecserveError
+from settings import ServeSettings, Settings, ThreadSettings, process_env
 
-BASE_ENV = {
-    "OPENBLAS_NUM_THREADS": "1",
-    "HF_HUB_OFFLINE": "1",
+SERVE_ENV = {
     # In front of Serve's request-id middleware on every HTTP server Serve starts (proxy, direct ingress): a
     # caller's invalid X-Request-ID is replaced on the request, so the id Serve echoes is the one the app answers
     # with (pipeline/serve/request_id.py).
@@ -44,7 +42,6 @@ BASE_ENV = {
 # Throughput-optimized Serve (direct ingress, user code on the replica's main loop, GC frozen), and a controller that
 # polls less often (its idle CPU fell from ~45 to ~10 ms/s). See docs/benchmarks.md and the 2-core notes.
 TUNED_ENV = {
-    **BASE_ENV,
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     # Ray starts every worker at nice 15 (its `worker_niceness`), so the replicas, Serve's controller and HAProxy
@@ -71,103 +68,59 @@ def real_haproxy() -> str:
     return shutil.which("haproxy") or "haproxy"
 
 
-class ServeSettings(BaseModel):
-    """The process settings of `recserve serve`: every port and folder that its Ray, Serve and HAProxy use.
-
-    Each field reads `RECSERVE_<FIELD>` from the environment (e.g. `RECSERVE_RAY_PORT=6391`). The defaults keep off
-    Redis's 6379 and Ray's own defaults, so a stock Ray or a second recserve can share the machine."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    ray_port: int = Field(6380, ge=1, le=65535, description="the Ray head's GCS port (Redis holds 6379)")
-    ray_tmp: Path = Field(Path("/tmp/recserve-ray"), description="Ray's temp dir")
-    # HAProxy's config, admin and metrics sockets, in <this>/<56-hex node id>/: HAProxy takes socket paths of at
-    # most 97 bytes, which leaves 29 for this folder.
-    haproxy_dir: Path = Field(Path("/tmp/recserve-haproxy"), description="HAProxy's files (absolute, <= 29 chars)")
-    metrics_port: int = Field(8080, ge=1, le=65535, description="Ray's metrics agent, which Prometheus scrapes")
-    request_timeout_s: int = Field(
-        5, ge=1, le=3600, description="HAProxy answers 408 (the one error shape) to a request not whole by then"
-    )
-    dashboard_port: int = Field(8265, ge=1, le=65535)
-    dashboard_agent_port: int = Field(52365, ge=1, le=65535)
-    client_server_port: int = Field(10001, ge=1, le=65535)
-    worker_ports: str = Field("10002-19999", pattern=r"^\d+-\d+$", description="Ray worker ports, lo-hi")
-    direct_ports: str = Field("30000-30999", pattern=r"^\d+-\d+$", description="ingress replicas' own HTTP ports")
-    direct_grpc_ports: str = Field("40000-40999", pattern=r"^\d+-\d+$")
-    fallback_proxy_port: int = Field(8500, ge=1, le=65535, description="Serve's proxy, HAProxy's backup server")
-    fallback_grpc_port: int = Field(9500, ge=1, le=65535)
-    haproxy_stats_port: int = Field(8404, ge=1, le=65535)
-    haproxy_metrics_port: int = Field(9101, ge=1, le=65535)
-
-    @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> ServeSettings:
-        env = os.environ if environ is None else environ
-        names = {f"RECSERVE_{field.upper()}": field for field in cls.model_fields}
-        given = {field: env[name] for name, field in names.items() if name in env}
-        try:
-            return cls.model_validate(given)
-        except ValidationError as exc:
-            field = str(exc.errors()[0]["loc"][0])
-            msg = exc.errors()[0]["msg"]
-            raise ConfigError(f"RECSERVE_{field.upper()}={given.get(field)!r}: {msg}; unset it or fix it") from None
-
-    @field_validator("haproxy_dir")
-    @classmethod
-    def _short(cls, value: Path) -> Path:
-        if not value.is_absolute() or len(str(value)) > 29:
-            raise ValueError(f"{value} must be an absolute path of at most 29 characters (HAProxy's socket limit)")
-        return value
-
-    def ray_env(self, tuned: bool = True) -> dict[str, str]:
-        """The environment of the Ray processes: what Serve's replicas, proxy and HAProxy read at start."""
-        lo, hi = self.direct_ports.split("-")
-        glo, ghi = self.direct_grpc_ports.split("-")
-        env = {
-            **(TUNED_ENV if tuned else BASE_ENV),
-            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": lo,
-            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": hi,
-            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": glo,
-            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": ghi,
-            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(self.fallback_proxy_port),
-            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(self.fallback_grpc_port),
-            # Serve is shut down before the head gets SIGTERM, so the node has nothing left to drain.
-            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2",
-        }
-        if not tuned:
-            return env
-        h = self.haproxy_dir
-        return {
-            **env,
-            "RAY_SERVE_ENABLE_HA_PROXY": "1",
-            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(h / "haproxy.cfg"),
-            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(h / "admin.sock"),
-            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(h),
-            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(h / "server-state"),
-            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(h / "metrics.sock"),
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(self.haproxy_stats_port),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(self.haproxy_metrics_port),
-            # HAProxy's per-request log lines, parsed in Python by Serve's HAProxyManager for its serve_num_http_*
-            # metrics, cost ~0.25 ms of CPU a request (37 ms/s at 144 req/s here); the app records the same counts and
-            # latencies itself (recserve_requests, recserve_request_latency_ms).
-            "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
-            # A replica killed mid-request closes the connection with no answer: HAProxy replays the request on
-            # another replica instead of failing it (measured: 1 failure in 1,250 without, 0 with). Every route is
-            # safe to replay except POST /events, whose replay after a write that landed counts the event twice;
-            # that needs a process death between the Redis write and the reply.
-            "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response",
-            # ... but HAProxy keeps a request for that replay only if the whole request had arrived when it first
-            # sent it to a replica. httpx writes a POST's headers and body separately; over a reused replica
-            # connection the headers went out alone, so a request in flight on a killed replica lost its retry and
-            # its client connection was closed with no answer (1 in 800 per kill in most drills; 10 of 12 requests
-            # killed in flight in a standalone HAProxy repro, 0 of 12 with the option). Ray's template has no setting
-            # for `option http-buffer-request`, so Ray runs HAProxy through a wrapper that adds it to the defaults.
-            "RAY_SERVE_HAPROXY_BINARY_PATH": str(HAPROXY_WRAPPER),
-            "RECSERVE_HAPROXY_REAL_BINARY": real_haproxy(),
-            "RECSERVE_HAPROXY_REQUEST_TIMEOUT_S": str(self.request_timeout_s),
-            # A replica being replaced stops taking new requests; 5 s covers HAProxy's reload (~0.1-1 s here)
-            # where Serve's default of 30 s made every redeploy and shutdown wait half a minute.
-            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
-        }
+def ray_env(settings: ServeSettings, tuned: bool = True, threads: ThreadSettings | None = None) -> dict[str, str]:
+    """The environment of the Ray processes: what Serve's replicas, proxy and HAProxy read at start (every
+    recserve process's own, settings.process_env, with it)."""
+    lo, hi = settings.direct_ports.split("-")
+    glo, ghi = settings.direct_grpc_ports.split("-")
+    env = {
+        **process_env(threads),
+        **SERVE_ENV,
+        **(TUNED_ENV if tuned else {}),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": lo,
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": hi,
+        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": glo,
+        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": ghi,
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(settings.fallback_proxy_port),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(settings.fallback_grpc_port),
+        # Serve is shut down before the head gets SIGTERM, so the node has nothing left to drain.
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2",
+    }
+    if not tuned:
+        return env
+    h = settings.haproxy_dir
+    return {
+        **env,
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(h / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(h / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(h),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(h / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(h / "metrics.sock"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(settings.haproxy_stats_port),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(settings.haproxy_metrics_port),
+        # HAProxy's per-request log lines, parsed in Python by Serve's HAProxyManager for its serve_num_http_*
+        # metrics, cost ~0.25 ms of CPU a request (37 ms/s at 144 req/s here); the app records the same counts and
+        # latencies itself (recserve_requests, recserve_request_latency_ms).
+        "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+        # A replica killed mid-request closes the connection with no answer: HAProxy replays the request on
+        # another replica instead of failing it (measured: 1 failure in 1,250 without, 0 with). Every route is
+        # safe to replay except POST /events, whose replay after a write that landed counts the event twice;
+        # that needs a process death between the Redis write and the reply.
+        "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response",
+        # ... but HAProxy keeps a request for that replay only if the whole request had arrived when it first
+        # sent it to a replica. httpx writes a POST's headers and body separately; over a reused replica
+        # connection the headers went out alone, so a request in flight on a killed replica lost its retry and
+        # its client connection was closed with no answer (1 in 800 per kill in most drills; 10 of 12 requests
+        # killed in flight in a standalone HAProxy repro, 0 of 12 with the option). Ray's template has no setting
+        # for `option http-buffer-request`, so Ray runs HAProxy through a wrapper that adds it to the defaults.
+        "RAY_SERVE_HAPROXY_BINARY_PATH": str(HAPROXY_WRAPPER),
+        "RECSERVE_HAPROXY_REAL_BINARY": real_haproxy(),
+        "RECSERVE_HAPROXY_REQUEST_TIMEOUT_S": str(settings.request_timeout_s),
+        # A replica being replaced stops taking new requests; 5 s covers HAProxy's reload (~0.1-1 s here)
+        # where Serve's default of 30 s made every redeploy and shutdown wait half a minute.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+    }
 
 
 def _bin(name: str) -> str:
@@ -309,13 +262,18 @@ def ingress_replicas_up(stats_port: int) -> int:
     return sum(1 for r in rows if len(r) > 17 and r[1].startswith("SERVE_REPLICA") and r[17] == "UP")
 
 
-def serve(config: Path, timeout_s: float, num_cpus: int | None, tuned: bool = True) -> int:
+def serve(
+    config: Path, timeout_s: float, num_cpus: int | None, tuned: bool = True, settings: Settings | None = None
+) -> int:
+    """Run the app of `config` until SIGTERM or Ctrl-C, with the ports and folders of `settings.serve` (default:
+    from the environment). Returns 0; raises ConfigError or RecserveError when it cannot start."""
     if not config.is_file():
         raise ConfigError(f"--config {config} does not exist: use deploy/serve_config.yaml or another serve config")
-    settings = ServeSettings.from_env()
+    settings = settings or Settings()
+    ports = settings.serve
     http_port = config_http_port(config)
-    env = settings.ray_env(tuned)
-    address = os.environ.get("RAY_ADDRESS", f"127.0.0.1:{settings.ray_port}")
+    env = ray_env(ports, tuned, settings.threads)
+    address = os.environ.get("RAY_ADDRESS", f"127.0.0.1:{ports.ray_port}")
     host, _, port = address.rpartition(":")
     head: RayHead | None = None
     stopping = {"flag": False}
@@ -330,11 +288,11 @@ def serve(config: Path, timeout_s: float, num_cpus: int | None, tuned: bool = Tr
     try:
         if not port_open(int(port), host or "127.0.0.1"):
             print(
-                f"starting a local Ray head on port {settings.ray_port} (temp dir {settings.ray_tmp}, "
-                f"metrics on :{settings.metrics_port})",
+                f"starting a local Ray head on port {ports.ray_port} (temp dir {ports.ray_tmp}, "
+                f"metrics on :{ports.metrics_port})",
                 flush=True,
             )
-            head = RayHead(settings, env, num_cpus, settings.ray_tmp.parent / f"{settings.ray_tmp.name}-head.log")
+            head = RayHead(ports, env, num_cpus, ports.ray_tmp.parent / f"{ports.ray_tmp.name}-head.log")
             head.wait_up()
         elif tuned:
             print(
@@ -349,16 +307,16 @@ def serve(config: Path, timeout_s: float, num_cpus: int | None, tuned: bool = Tr
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         base = f"http://127.0.0.1:{http_port}"
-        stats = settings.haproxy_stats_port if tuned else None
+        stats = ports.haproxy_stats_port if tuned else None
         ready = _wait_ready(proc, config, base, timeout_s, began, stopping, stats, address, env)
         if ready is not None:
             detail = json.loads(ready) if ready.startswith("{") else {}
-            front = f"HAProxy over {ingress_replicas_up(settings.haproxy_stats_port)} ingress replicas" if tuned else ""
+            front = f"HAProxy over {ingress_replicas_up(ports.haproxy_stats_port)} ingress replicas" if tuned else ""
             print(
                 f"recserve is up in {time.monotonic() - began:.1f} s ({config.name}, bundle "
                 f"{detail.get('model_version', '?')}, feature store {detail.get('feature_store', '?')})\n"
                 f"HTTP: {base} ({front or 'Serve proxy'}); "
-                f"metrics: http://127.0.0.1:{settings.metrics_port}/metrics\n"
+                f"metrics: http://127.0.0.1:{ports.metrics_port}/metrics\n"
                 f"try:  curl -s -X POST {base}/recommend -H 'Content-Type: application/json' "
                 '-d \'{"user_id": "12347", "k": 5}\'',
                 flush=True,

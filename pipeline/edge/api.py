@@ -64,9 +64,10 @@ from pipeline.edge.schemas import (
 from pipeline.featurestore.eventlog import EventLog
 from pipeline.featurestore.events import EventSettings, EventWriter, validate_events
 from pipeline.featurestore.recovery import StoreWatch
-from pipeline.featurestore.store import StoreSettings, require_redis
+from pipeline.featurestore.store import require_redis
 from pipeline.serve.metrics import NullRecorder
 from pipeline.serve.request_id import given_request_id, request_id_for
+from settings import StoreSettings
 
 log = logging.getLogger("recserve")
 M = TypeVar("M", bound=BaseModel)

@@ -21,12 +21,12 @@ from models.realtime import EVENT_TYPES
 from pipeline.featurestore.events import EventSettings, EventWriter, validate_events
 from pipeline.featurestore.store import (
     OnlineFeatures,
-    StoreSettings,
     drop_project,
     materialize,
     open_store,
     read_user_via_feast,
 )
+from settings import StoreSettings
 
 
 def _pcts(seconds: list[float]) -> str:
@@ -35,10 +35,11 @@ def _pcts(seconds: list[float]) -> str:
     return f"n={ms.size} p50={p50:.2f} p95={p95:.2f} p99={p99:.2f} max={ms.max():.2f} ms"
 
 
-def run(bundle_dir: Path, manifest: Manifest, reads: int, events: int, seed: int) -> str:
+def run(bundle_dir: Path, manifest: Manifest, base: StoreSettings, reads: int, events: int, seed: int) -> str:
+    """Time `reads` hydration reads and `events` event writes in a scratch project (<base project>_bench) on
+    `base`'s Redis, dropped afterwards; the report's lines, latencies in ms."""
     rng = np.random.default_rng(seed)
     version = manifest.version
-    base = StoreSettings()
     with tempfile.TemporaryDirectory() as tmp:
         settings = StoreSettings(
             redis=base.redis,

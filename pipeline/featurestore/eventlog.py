@@ -57,12 +57,13 @@ from pipeline.featurestore.store import (
     RELEASE_LOCK,
     REPLACED_TS_NS,
     STREAM_ID,
-    StoreSettings,
     ensure_event_log,
     event_lock_key,
     event_log_schema,
+    redis_client,
     unavailable,
 )
+from settings import StoreSettings
 
 if TYPE_CHECKING:
     from pipeline.featurestore.events import EventWriter
@@ -184,7 +185,7 @@ class EventLog:
         lease_ms: int | None = None,
     ) -> None:
         self.settings = settings
-        self.client = client or settings.client()
+        self.client = client or redis_client(settings)
         self.key = stream_key(settings.project)
         self.dir = Path(settings.event_log_dir)
         self.batch_rows = batch_rows

@@ -12,7 +12,7 @@ batch whose answer it never got.
 
 `FeatureStore.push` re-reads the registry on every call (about 20 ms of Python here). The writer resolves the
 push source's feature views once and hands each batch to the same provider write that `push` ends in;
-tests/pipeline/test_events.py proves the stored bytes equal what `push` stores.
+tests/pipeline/featurestore/test_events.py proves the stored bytes equal what `push` stores.
 """
 
 from __future__ import annotations
@@ -44,12 +44,13 @@ from pipeline.featurestore.store import (
     REDIS_ERRORS,
     RELEASE_LOCK,
     REPLACED_TS_NS,
-    StoreSettings,
     event_lock_key,
     fast_retry,
     read_realtime,
+    redis_client,
     unavailable,
 )
+from settings import StoreSettings
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -293,7 +294,7 @@ class EventWriter:
         self.store = store
         self.store_settings = store_settings
         self.settings = settings
-        self.client = store_settings.client()
+        self.client = redis_client(store_settings)
         self._release = self.client.register_script(RELEASE_LOCK)
         self.log = EventLog(store_settings, self.client)
         self._views = [

@@ -29,12 +29,13 @@ from models import bundle as bundle_mod
 from pipeline.featurestore.store import (
     REDIS_ERRORS,
     RELEASE_LOCK,
-    StoreSettings,
     marker_key,
     materialize,
     open_store,
     persistence,
+    redis_client,
 )
+from settings import StoreSettings
 
 log = logging.getLogger("recserve")
 
@@ -71,7 +72,7 @@ class StoreWatch:
         self.lock_ttl_s = lock_ttl_s
         self._materialize = materialize
         self._rebuild_events = rebuild_events
-        self.client = client or settings.client()
+        self.client = client or redis_client(settings)
         self._release = self.client.register_script(RELEASE_LOCK)
         self.status = StoreStatus("ok", "not checked yet", 0.0)
         self.recoveries = 0

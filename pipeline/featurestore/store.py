@@ -3,7 +3,7 @@ read path a request takes.
 
 The read path goes under Feast's SDK: it computes Feast's own Redis keys and hash fields and reads a user's
 batch and real-time rows in one pipelined round trip (Feast's `get_online_features` costs about 1 ms of Python
-for the same). tests/pipeline/test_store.py proves both return the same values.
+for the same). tests/pipeline/featurestore/test_store.py proves both return the same values.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from feast.infra.online_stores.helpers import _mmh3, _redis_key
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from google.protobuf.timestamp_pb2 import Timestamp
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -46,12 +45,10 @@ from models.features import (
 )
 from models.realtime import Realtime
 from models.snapshot import ITEM_FEATURES_FILE, USER_FEATURES_FILE
+from settings import StoreSettings
 
 if TYPE_CHECKING:
     from feast import FeatureStore
-
-# Feast reports usage over the network by default; this machine may have none, and a request must never wait.
-os.environ.setdefault("FEAST_USAGE", "False")
 
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 # The key format Feast writes with, read from the repo's own config so the two cannot drift.
@@ -65,79 +62,19 @@ def fast_retry() -> Retry:
     return Retry(ExponentialBackoff(cap=0.05, base=0.005), 2)
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name) or default
-
-
-class StoreSettings(BaseModel):
-    """Where the online store lives. Environment variables give the defaults, so one setting serves the CLI,
-    the serve config and the plain `feast` CLI alike."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    redis: str = Field(
-        default_factory=lambda: _env("RECSERVE_REDIS", "localhost:6379"),
-        description="Feast's Redis connection string: host:port[,param=value...]",
+def redis_client(settings: StoreSettings) -> redis.Redis:
+    """A client of the store's Redis with bounded waits and fast retries; it connects on first use."""
+    host, port = settings.host_port
+    params = dict(p.split("=", 1) for p in settings.redis.split(",")[1:] if "=" in p)
+    return redis.Redis(
+        host=host,
+        port=port,
+        db=int(params.get("db", 0)),
+        password=params.get("password"),
+        socket_connect_timeout=settings.connect_timeout_s,
+        socket_timeout=settings.socket_timeout_s,
+        retry=fast_retry(),
     )
-    project: str = Field(
-        default_factory=lambda: _env("RECSERVE_FEAST_PROJECT", "recserve"),
-        pattern=r"^[A-Za-z][A-Za-z0-9_]{0,63}$",
-        description="Feast project: it suffixes every Redis key, so projects never share rows",
-    )
-    registry: Path = Field(
-        default_factory=lambda: Path(_env("RECSERVE_FEAST_REGISTRY", str(defs.REPO / "data" / "registry.db"))),
-        description="the local registry file",
-    )
-    event_log_dir: Path = Field(
-        None,  # type: ignore[assignment]  # filled per project by _per_project_log
-        description="the event log's hourly parquet files (RECSERVE_EVENT_LOG_DIR, else feature_repo/data/event_log/"
-        "<project>): the push source's offline twin",
-    )
-    event_log_flush_s: float = Field(
-        default_factory=lambda: float(_env("RECSERVE_EVENT_LOG_FLUSH_S", "2.0")),
-        gt=0,
-        le=3600,
-        description="seconds between flushes of the event log's Redis stream to its files: at most this much of "
-        "accepted events lives only in Redis, which is what a total loss of Redis's data can lose",
-    )
-    connect_timeout_s: float = Field(1.0, gt=0, le=30)
-    socket_timeout_s: float = Field(2.0, gt=0, le=60)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _per_project_log(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("event_log_dir") is None:
-            project = data.get("project") or _env("RECSERVE_FEAST_PROJECT", "recserve")
-            data = {**data, "event_log_dir": defs.default_event_log_dir(project)}
-        return data
-
-    @property
-    def host_port(self) -> tuple[str, int]:
-        first = self.redis.split(",")[0]
-        host, _, port = first.rpartition(":")
-        return (host or "localhost"), int(port or 6379)
-
-    def connection_string(self) -> str:
-        # Bounded waits, so that a dead or wedged Redis fails a call instead of hanging it.
-        extra = [
-            f"{k}={v}"
-            for k, v in (("socket_connect_timeout", self.connect_timeout_s), ("socket_timeout", self.socket_timeout_s))
-            if f"{k}=" not in self.redis
-        ]
-        return ",".join([self.redis, *extra])
-
-    def client(self) -> redis.Redis:
-        host, port = self.host_port
-        params = dict(p.split("=", 1) for p in self.redis.split(",")[1:] if "=" in p)
-        return redis.Redis(
-            host=host,
-            port=port,
-            db=int(params.get("db", 0)),
-            password=params.get("password"),
-            socket_connect_timeout=self.connect_timeout_s,
-            socket_timeout=self.socket_timeout_s,
-            retry=fast_retry(),
-        )
 
 
 def unavailable(settings: StoreSettings, exc: Exception) -> StoreUnavailableError:
@@ -150,7 +87,7 @@ def unavailable(settings: StoreSettings, exc: Exception) -> StoreUnavailableErro
 
 
 def require_redis(settings: StoreSettings) -> redis.Redis:
-    client = settings.client()
+    client = redis_client(settings)
     try:
         client.ping()
     except REDIS_ERRORS as exc:
@@ -216,8 +153,8 @@ def ensure_event_log(event_log_dir: Path) -> None:
 
 def apply(store: FeatureStore, bundle_dir: Path, event_log_dir: Path | None = None) -> list[str]:
     """Register (or update) every definition, with the batch sources over `bundle_dir` and the push source's
-    offline twin over `event_log_dir` (default: RECSERVE_EVENT_LOG_DIR or feature_repo/data/event_log). Idempotent."""
-    event_log_dir = Path(event_log_dir or defs.default_event_log_dir(store.config.project)).resolve()
+    offline twin over `event_log_dir` (default: the project's, StoreSettings.event_log_dir). Idempotent."""
+    event_log_dir = Path(event_log_dir or StoreSettings(project=store.config.project).event_log_dir).resolve()
     ensure_event_log(event_log_dir)
     objs = defs.objects(Path(bundle_dir).resolve(), event_log_dir)
     store.apply(objs)
@@ -367,7 +304,7 @@ class OnlineFeatures:
         client: redis.Redis | None = None,
     ) -> None:
         self.settings = settings
-        self.client = client or settings.client()  # connects lazily
+        self.client = client or redis_client(settings)  # connects lazily
         self.version = version
         self.item_ids = item_ids
         self.item_index = {item: i for i, item in enumerate(item_ids.tolist())}

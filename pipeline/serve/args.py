@@ -1,4 +1,6 @@
-"""The serve config's `args`, typed: what `build_app` and every Ingress replica are given."""
+"""The serve config's `args`, typed: what `build_app` and every Ingress replica are given. What a config leaves out
+(the artifacts root, the feature store) comes from the process settings (settings.Settings), read where the app
+is built; each replica is handed the resolved values."""
 
 from pathlib import Path
 from typing import Literal
@@ -8,9 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from chain.knobs import Knobs
 from models.bundle import resolve
 from pipeline.featurestore.events import EventSettings
-from pipeline.featurestore.store import StoreSettings
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+from settings import PROJECT_ROOT, Settings, StoreSettings
 
 
 class AppArgs(BaseModel):
@@ -20,7 +20,11 @@ class AppArgs(BaseModel):
 
     topology: Literal["colocated", "distributed"] = "colocated"
     bundle: Path | None = Field(None, description="bundle directory; default: the one <artifacts>/LATEST names")
-    artifacts: Path = Field(PROJECT_ROOT / "artifacts", description="relative paths resolve from the project root")
+    artifacts: Path = Field(
+        default_factory=lambda: Settings().artifacts,
+        description="default: RECSERVE_ARTIFACTS, else the project's artifacts/; relative paths resolve from the "
+        "project root",
+    )
     store: StoreSettings = Field(default_factory=StoreSettings)
     events: EventSettings = EventSettings()
     knobs: Knobs = Field(Knobs(), description="initial runtime knobs; the Ingress's user_config overrides them")

@@ -24,16 +24,17 @@ from models.content import ContentModel as ContentModelClass
 from models.content import pick_device
 from pipeline.edge.api import Api, build_api
 from pipeline.serve.args import AppArgs
-from pipeline.serve.local import freeze_heap, limit_threads, make_api
+from pipeline.serve.local import freeze_heap, make_api
 from pipeline.serve.metrics import RayRecorder
 from pipeline.serve.priority import low_priority
+from settings import configure_process
 
 
 @serve.deployment(max_ongoing_requests=64)
 class CollaborativeFilter:
     def __init__(self, bundle: str) -> None:
         with low_priority():  # a (re)starting replica leaves the CPU to the ones serving
-            limit_threads()
+            configure_process(torch=True)
             path, _, settings = verified(Path(bundle))
             self.stage = CFStage(ALSModel.load(path, settings.cf), device=pick_device())
         freeze_heap()
@@ -46,7 +47,7 @@ class CollaborativeFilter:
 class ContentModel:
     def __init__(self, bundle: str) -> None:
         with low_priority():
-            limit_threads()
+            configure_process(torch=True)
             path, _, _ = verified(Path(bundle))
             device = pick_device()
             self.stage = ContentStage(ContentModelClass.load(path, device=device)).warm()
@@ -77,9 +78,9 @@ class ContentModel:
 class Blender:
     def __init__(self, bundle: str) -> None:
         with low_priority():
-            limit_threads()
+            process = configure_process(torch=True)
             path, _, _ = verified(Path(bundle))
-            self.stage = BlendStage(BlenderModel.load(path, num_threads=1))
+            self.stage = BlendStage(BlenderModel.load(path, num_threads=1, compile_cache=process.compile_cache))
         freeze_heap()
 
     async def score(self, x: np.ndarray) -> np.ndarray:
@@ -141,10 +142,12 @@ class Ingress:
         blend: DeploymentHandle | None = None,
     ) -> None:
         with low_priority():
-            limit_threads()
+            process = configure_process(torch=True)
             _Current.max_body_bytes, _Current.body_timeout_s = settings.max_body_bytes, settings.body_timeout_s
             remote = None if cf is None or content is None or blend is None else RemoteStages(cf, content, blend)
-            api = make_api(settings, remote, lambda version: RayRecorder(version, settings.topology))
+            api = make_api(
+                settings, remote, lambda version: RayRecorder(version, settings.topology), process.compile_cache
+            )
             await api.start()
         _Current.api = api
         freeze_heap()

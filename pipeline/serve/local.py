@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import gc
 import logging
-import os
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -36,19 +35,12 @@ from pipeline.featurestore.eventlog import EventLog, rebuild_realtime
 from pipeline.featurestore.events import EventWriter
 from pipeline.featurestore.recovery import StoreWatch, bundle_materializer
 from pipeline.featurestore.store import OnlineFeatures, open_store
-from pipeline.serve.args import PROJECT_ROOT, AppArgs
+from pipeline.serve.args import AppArgs
 from pipeline.serve.metrics import NullRecorder
 from pipeline.serve.priority import run_low
+from settings import PROJECT_ROOT, configure_process
 
 log = logging.getLogger("recserve")
-
-
-def limit_threads() -> None:
-    # Two cores: one BLAS/torch thread per process; more only contend.
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    import torch
-
-    torch.set_num_threads(int(os.environ.get("RECSERVE_TORCH_THREADS", "1")))
 
 
 def freeze_heap() -> None:
@@ -73,24 +65,30 @@ def trim_heap() -> None:
             ctypes.CDLL(libc).malloc_trim(0)
 
 
-def local_stages(core: ServingCore, threads: int) -> LocalStages:
-    """The bundle's model stages in this process (the colocated topology)."""
+def local_stages(core: ServingCore, threads: int, compile_cache: Path | None = None) -> LocalStages:
+    """The bundle's model stages in this process (the colocated topology); the blender's compiled trees cached in
+    `compile_cache` (default: the temp dir)."""
     device = pick_device()
     return LocalStages(
         CFStage(ALSModel.load(core.path, core.settings.cf), device=device),
         ContentStage(ContentModel.load(core.path, device=device)).warm(),
-        BlendStage(BlenderModel.load(core.path, num_threads=1)),
+        BlendStage(BlenderModel.load(core.path, num_threads=1, compile_cache=compile_cache)),
         threads=threads,
     )
 
 
-def make_api(settings: AppArgs, stages: Stages | None = None, recorder: Callable[[str], Any] | None = None) -> Api:
-    """The ingress's Api over `stages`; None runs the models in this process (colocated). `recorder(version)`
-    makes the metrics recorder."""
+def make_api(
+    settings: AppArgs,
+    stages: Stages | None = None,
+    recorder: Callable[[str], Any] | None = None,
+    compile_cache: Path | None = None,
+) -> Api:
+    """The ingress's Api over `stages`; None runs the models in this process (colocated), the blender's compiled
+    trees cached in `compile_cache` (default: the temp dir). `recorder(version)` makes the metrics recorder."""
     bundle = Path(str(settings.bundle))
     core = load_core(bundle)  # verifies every file's hash, once
     colocated = stages is None
-    stages = stages or local_stages(core, settings.stage_threads)
+    stages = stages or local_stages(core, settings.stage_threads, compile_cache)
     rec = recorder(core.version) if recorder else NullRecorder()
     store = settings.store
     try:
@@ -117,7 +115,7 @@ def make_api(settings: AppArgs, stages: Stages | None = None, recorder: Callable
         arm_core = load_core(path)
         arm_features = OnlineFeatures.load(store, arm_core.version, arm_core.snapshot.item_ids.tolist())
         arm_rec = recorder(arm_core.version) if recorder else NullRecorder()
-        arm_stages = local_stages(arm_core, settings.stage_threads)
+        arm_stages = local_stages(arm_core, settings.stage_threads, compile_cache)
         return Chain(arm_core, arm_features, arm_stages, settings.knobs, arm_rec, store_state=store_state)
 
     def arm_chain_trimmed(path: Path) -> Chain:
@@ -180,10 +178,12 @@ def main() -> int:
     import uvicorn
 
     try:
-        limit_threads()
+        process = configure_process(torch=True)
         settings = settings_from_config(args.config)
         rollout = rollout_from_config(args.config)
-        api = make_api(settings.model_copy(update={"bundle": settings.bundle_path()}))
+        api = make_api(
+            settings.model_copy(update={"bundle": settings.bundle_path()}), compile_cache=process.compile_cache
+        )
     except RecserveError as exc:
         print(f"pipeline.serve.local: error: {exc}", file=sys.stderr)
         return 2

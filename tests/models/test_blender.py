@@ -49,19 +49,19 @@ def test_save_load_round_trip(fitted, tmp_path):
     np.testing.assert_allclose(back.predict(x), blender.predict(x))
 
 
-def test_compiled_trees_score_as_lightgbm(fitted, tmp_path, monkeypatch):
-    monkeypatch.setenv("RECSERVE_COMPILE_CACHE", str(tmp_path / "cache"))
+def test_compiled_trees_score_as_lightgbm(fitted, tmp_path):
     blender, _ = fitted
     blender.save(tmp_path)
     reference = Blender.load(tmp_path, compile=False)
-    compiled = Blender.load(tmp_path)
+    compiled = Blender.load(tmp_path, compile_cache=tmp_path / "cache")
     assert reference.compiled is None and compiled.compiled is not None
     x, _, _ = synthetic(n_groups=20, seed=7)
     x[::3, BLENDER_FEATURES.index("cf_score")] = np.nan  # missing values take LightGBM's default branch
     np.testing.assert_allclose(compiled.predict(x), reference.predict(x), rtol=0, atol=1e-9)
     # The second load reads the object file the first one wrote.
     assert len(list((tmp_path / "cache" / "recserve-lleaves").glob("*.o"))) == 1
-    np.testing.assert_allclose(Blender.load(tmp_path).predict(x), reference.predict(x), rtol=0, atol=1e-9)
+    again = Blender.load(tmp_path, compile_cache=tmp_path / "cache")
+    np.testing.assert_allclose(again.predict(x), reference.predict(x), rtol=0, atol=1e-9)
 
 
 def test_refuses_a_model_trained_on_other_features():

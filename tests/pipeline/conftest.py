@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from models.bundle import Manifest, read_manifest
-from pipeline.featurestore.store import OnlineFeatures, StoreSettings, drop_project, materialize, open_store
+from pipeline.featurestore.store import OnlineFeatures, drop_project, materialize, open_store
+from settings import StoreSettings
 
 
 def scratch_settings(registry_dir: Path) -> StoreSettings:

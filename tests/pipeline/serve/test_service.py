@@ -23,8 +23,9 @@ from models.cf import ALSModel
 from models.content import ContentModel
 from pipeline.edge.api import Api, build_api
 from pipeline.featurestore.events import EventSettings, EventWriter
-from pipeline.featurestore.store import OnlineFeatures, StoreSettings, open_store
+from pipeline.featurestore.store import OnlineFeatures, open_store
 from pipeline.serve.metrics import NullRecorder
+from settings import StoreSettings
 
 pytestmark = pytest.mark.integration
 

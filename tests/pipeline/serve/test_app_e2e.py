@@ -18,7 +18,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.commands.serve import ServeSettings, http_get, ingress_replicas_up, port_open
+from pipeline.commands.serve import http_get, ingress_replicas_up, port_open
+from settings import ServeSettings
 from tests.conftest import ROOT
 from tests.support.load import open_loop
 
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.integration
 CONFIGS = {"colocated": "serve_config.yaml", "distributed": "serve_config.distributed.yaml"}
 HTTP_PORT = 8011
 # Every port and folder of the test's own Ray, Serve and HAProxy: off the defaults, so a running demo (`make demo`)
-# and these tests never meet (tests/isolation.py checks that in CI).
+# and these tests never meet (loadtests/isolation.py checks that in CI).
 SETTINGS = ServeSettings(
     ray_port=6391,
     ray_tmp=Path(f"/tmp/recserve-ray-test-{os.getpid()}"),

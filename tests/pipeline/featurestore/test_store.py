@@ -15,12 +15,12 @@ from models.features import FEATURES, ITEM_FEATURES, USER_NUMERIC_FEATURES
 from pipeline.featurestore.events import EventSettings, EventWriter, validate_events
 from pipeline.featurestore.store import (
     OnlineFeatures,
-    StoreSettings,
     apply,
     materialize,
     read_user_via_feast,
     require_redis,
 )
+from settings import StoreSettings
 from tests.pipeline.conftest import catalog, manifest
 
 pytestmark = pytest.mark.integration

@@ -51,7 +51,6 @@ from pipeline.featurestore.eventlog import (
 from pipeline.featurestore.events import EventSettings, EventWriter, validate_events
 from pipeline.featurestore.store import (
     OnlineFeatures,
-    StoreSettings,
     apply,
     entity_key,
     event_lock_key,
@@ -59,9 +58,12 @@ from pipeline.featurestore.store import (
     open_store,
     persistence,
     read_realtime,
+    redis_client,
     repo_config,
 )
 from pipeline.serve.metrics import NullRecorder
+from settings import StoreSettings
+from tests.conftest import ROOT
 from tests.pipeline.conftest import catalog, manifest
 from tests.support.redis_server import OwnRedis, client_for, port_taken
 
@@ -134,7 +136,7 @@ def _write(writer: EventWriter, items: list[str], raw: list[dict]) -> None:
 
 
 def _stored(settings: StoreSettings, users: list[str]) -> dict[str, Realtime]:
-    return {u: w for u, (w, _) in read_realtime(settings.client(), settings.project, users).items()}
+    return {u: w for u, (w, _) in read_realtime(redis_client(settings), settings.project, users).items()}
 
 
 def _iso(ts_ms: int) -> str:
@@ -173,7 +175,7 @@ def test_the_drill_redis_runs_append_only_everysec(own_redis):
 def test_ensure_redis_starts_an_append_only_redis_in_the_given_dir(tmp_path):
     if port_taken(SPARE_PORT):
         pytest.fail(f"port {SPARE_PORT} is taken: this test starts a Redis of its own there; free the port")
-    script = Path(__file__).resolve().parents[2] / "deploy" / "ensure-redis.sh"
+    script = ROOT / "deploy" / "ensure-redis.sh"
     env = {"PATH": os.environ["PATH"], "REDIS_PORT": str(SPARE_PORT), "RECSERVE_REDIS_DIR": str(tmp_path)}
     out = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=30)
     client = client_for(SPARE_PORT)
@@ -243,7 +245,7 @@ def test_a_crash_between_the_file_rename_and_the_trim_writes_nothing_twice(log, 
 
 
 def test_an_entry_whose_writer_still_holds_the_user_lock_waits_for_the_next_flush(log, settings, items):
-    client = settings.client()
+    client = redis_client(settings)
     when = dt.datetime.now(dt.UTC)
     lock = event_lock_key(settings.project, "busy-user")
     client.set(lock, "a-writer", px=10_000)
@@ -291,7 +293,7 @@ def test_the_background_flusher_drains_the_stream_and_stops_cleanly(writer, log,
 
     asyncio.run(scenario())
     assert log.backlog() == 0 and len(log.read_files()) == 2
-    assert not settings.client().exists(lease_key(settings.project))  # released on stop
+    assert not redis_client(settings).exists(lease_key(settings.project))  # released on stop
 
 
 def test_feast_and_pandas_read_the_flushed_rows(writer, log, store, settings, items):
@@ -524,7 +526,7 @@ def test_the_rebuild_takes_rows_still_in_the_stream(writer, log, settings, items
     _write(writer, items, _events(writer, items, [user], 5))
     before = _stored(settings, [user])[user]
     assert log.backlog() == 1 and not log.hour_files()
-    settings.client().delete(entity_key(settings.project, **{USER_KEY: user}))  # the row alone is lost
+    redis_client(settings).delete(entity_key(settings.project, **{USER_KEY: user}))  # the row alone is lost
     assert rebuild_realtime(log, writer) == 1
     got = _stored(settings, [user])[user]
     assert got.events == before.events and got.event_count == 5

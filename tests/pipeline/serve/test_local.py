@@ -11,8 +11,9 @@ import pytest
 
 from models.errors import ConfigError
 from pipeline.edge.api import build_api
-from pipeline.serve.args import PROJECT_ROOT, AppArgs
+from pipeline.serve.args import AppArgs
 from pipeline.serve.local import make_api, settings_from_config
+from settings import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
 

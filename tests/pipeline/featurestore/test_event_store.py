@@ -23,7 +23,8 @@ from pipeline.featurestore.events import (
     event_ids_pending_key,
     validate_events,
 )
-from pipeline.featurestore.store import StoreSettings, entity_key, read_realtime
+from pipeline.featurestore.store import entity_key, read_realtime, redis_client
+from settings import StoreSettings
 from tests.pipeline.conftest import catalog
 
 pytestmark = pytest.mark.integration
@@ -116,7 +117,7 @@ def test_the_writer_stores_exactly_what_feast_push_stores(writer, feature_store,
     feature_store.push(
         defs.PUSH_SOURCE, pd.DataFrame([{USER_KEY: "via-feast", EVENT_TIMESTAMP: ts, **columns}]), to=PushMode.ONLINE
     )
-    client = store_settings.client()
+    client = redis_client(store_settings)
     ours = client.hgetall(entity_key(store_settings.project, **{USER_KEY: "via-writer"}))
     feasts = client.hgetall(entity_key(store_settings.project, **{USER_KEY: "via-feast"}))
     assert ours and ours == feasts
@@ -140,7 +141,7 @@ def test_a_dead_redis_is_a_retryable_error_and_nothing_is_half_written(
 
 def test_a_lock_held_too_long_is_a_retryable_conflict(feature_store, store_settings, items):
     impatient = EventWriter(feature_store, store_settings, EventSettings(lock_wait_ms=50))
-    client = store_settings.client()
+    client = redis_client(store_settings)
     key = f"recserve:{store_settings.project}:event-lock:locked-user"
     client.set(key, "someone-else", px=10_000)
     try:
@@ -191,7 +192,7 @@ def test_an_event_id_is_kept_for_the_retention_window_with_its_rows_stamp(
     writer = EventWriter(feature_store, store_settings, EventSettings(event_id_retention_s=1))
     user = "short-memory-user"
     write(writer, user, items, "once")
-    client = store_settings.client()
+    client = redis_client(store_settings)
     key = event_id_key(store_settings.project, user, "once")
     assert 0 < client.pttl(key) <= 1000
     stored_ns = read_realtime(client, store_settings.project, [user])[user][1]
@@ -208,7 +209,7 @@ def test_a_retry_after_a_writer_died_before_its_push_stores_the_events(writer, s
     with a stamp newer than the stored row. The retry must store the events."""
     user = "died-before-push"
     write(writer, user, items, None)
-    client = store_settings.client()
+    client = redis_client(store_settings)
     stored_ns = read_realtime(client, store_settings.project, [user])[user][1]
     EventIds(client, store_settings.project, 60).record({user: (stored_ns + 1_000_000, ["lost-1"])})
     retry = write(writer, user, items, "lost-1")
@@ -221,7 +222,7 @@ def test_a_retry_after_a_writer_died_after_its_push_counts_nothing_twice(writer,
     """The writer died after its row landed, before it removed its pending note: the retry is a repeat."""
     user = "died-after-push"
     write(writer, user, items, "landed-1")
-    client = store_settings.client()
+    client = redis_client(store_settings)
     stored_ns = read_realtime(client, store_settings.project, [user])[user][1]
     EventIds(client, store_settings.project, 60).record({user: (stored_ns, ["landed-1"])})  # the note it left
     retry = write(writer, user, items, "landed-1")
@@ -234,7 +235,7 @@ def test_the_next_write_settles_a_dead_writers_ids_even_when_a_later_write_lands
     """A write without ids lands between the crash and the client's retry: its newer row must not make the dead
     writer's ids look stored."""
     user = "settled-by-next-write"
-    client = store_settings.client()
+    client = redis_client(store_settings)
     EventIds(client, store_settings.project, 60).record({user: (1, ["lost-2"])})  # no row yet: stored stamp is 0
     write(writer, user, items, None)
     assert not client.exists(event_id_key(store_settings.project, user, "lost-2"))

