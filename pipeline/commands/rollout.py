@@ -59,7 +59,7 @@ print(json.dumps(app.model_dump(mode="json", exclude_unset=True)))
 
 
 def _driver(settings: ServeSettings, rollout: RolloutSpec | None, app: str = APP) -> dict[str, Any]:
-    address = os.environ.get("RAY_ADDRESS", f"127.0.0.1:{settings.ray_port}")
+    address = os.environ.get("RAY_ADDRESS") or f"127.0.0.1:{settings.ray_port}"
     payload = json.dumps(rollout.model_dump(mode="json") if rollout is not None else None)
     try:
         out = subprocess.run(

@@ -18,9 +18,10 @@ import pandas as pd
 import pytest
 import yaml
 
+from chain.rollout import ArmSpec, RolloutSpec, assign
 from pipeline.commands.serve import http_get, ingress_replicas_up, port_open
 from settings import ServeSettings
-from tests.conftest import ROOT
+from tests.conftest import ROOT, recserve
 from tests.support.load import open_loop
 
 pytestmark = pytest.mark.integration
@@ -258,6 +259,39 @@ def test_metrics_show_the_stage_histograms_after_traffic(app):
         assert f'stage="{stage}"' in text, stage
     assert "recserve_requests" in text and 'route="/recommend"' in text
     assert "recserve_model_info" in text and f'topology="{topology}"' in text
+
+
+def test_a_rollout_changes_the_arms_without_restarting_a_replica(app, small_bundle, second_bundle, second_online):
+    if app.topology != "colocated":
+        pytest.skip("the distributed topology serves its application's one bundle (rollouts are colocated)")
+    env = SETTINGS_ENV
+    before = sorted(r["pid"] for r in replicas("Ingress"))
+    out = recserve("rollout", "start", "--bundle", str(second_bundle), "--ab", "50", "--url", app.url, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "champion slice-v1:" in out.stdout and "candidate slice-v2:" in out.stdout  # both offline tables
+    spec = RolloutSpec(
+        salt="slice-v2",
+        arms=(
+            ArmSpec(name="champion", bundle="a", weight=50, role="champion"),
+            ArmSpec(name="challenger", bundle="b", weight=50),
+        ),
+    )
+    versions = {"champion": "slice-v1", "challenger": "slice-v2"}
+    seen = set()
+    for user in _users(small_bundle)[:60]:
+        body = recommend(app.client, user_id=user, k=3).json()
+        assert body["arm"] == assign(user, spec).name, (user, body["arm"])
+        assert body["model_version"] == versions[body["arm"]]
+        seen.add(body["arm"])
+    assert seen == {"champion", "challenger"}
+    assert sorted(r["pid"] for r in replicas("Ingress")) == before  # reconfigured in place, not restarted
+    status = recserve("rollout", "status", "--url", app.url, env=env)
+    assert status.returncode == 0 and "challenger" in status.stdout and "slice-v2" in status.stdout, status.stdout
+    back = recserve("rollout", "rollback", "--url", app.url, env=env)
+    assert back.returncode == 0, back.stderr[-3000:]
+    for user in _users(small_bundle)[:20]:
+        body = recommend(app.client, user_id=user, k=3).json()
+        assert (body["arm"], body["model_version"]) == ("champion", "slice-v1")
 
 
 # The lifecycle drills run last in the module: they kill replicas of the app the tests above used.
