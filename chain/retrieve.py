@@ -10,6 +10,7 @@ import functools
 import re
 import threading
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -95,6 +96,7 @@ def _encode(model: ContentModel, lock: threading.Lock, text: str) -> np.ndarray:
 class ContentStage:
     # Text lengths (in words) the replica encodes before it reports ready: torch's first call at each shape is slow.
     WARM_WORDS = (1, 2, 4, 8, 16, 32, 48)
+    _warmed: ClassVar[set[str]] = set()  # devices whose shared encoder has run at every WARM_WORDS length
 
     def __init__(self, model: ContentModel, cache_size: int = 4096) -> None:
         self.model = model
@@ -103,9 +105,14 @@ class ContentStage:
         self.encode = functools.lru_cache(maxsize=cache_size)(functools.partial(_encode, model, threading.Lock()))
 
     def warm(self) -> ContentStage:
-        """Load the text encoder and run it once per WARM_WORDS length, not inside the first customer query."""
+        """Load the text encoder and run it once per WARM_WORDS length, not inside the first customer query. Once
+        per process and device: every bundle shares the one encoder (models.content.load_encoder), so a rollout
+        arm's bundle loads without another half second of encoding beside the requests being served."""
+        if self.model.device in ContentStage._warmed:
+            return self
         for n in self.WARM_WORDS:
             self.encode.__wrapped__(" ".join(["warm"] * n))
+        ContentStage._warmed.add(self.model.device)
         return self
 
     def retrieve(self, q: ContentQuery, query_vector: np.ndarray | None = None) -> SourceList:

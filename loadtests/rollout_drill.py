@@ -153,16 +153,24 @@ def peak(samples: list[tuple[float, dict[int, float]]], since: float, until: flo
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--bundle-a", type=Path, help="the first bundle (default: the champion the service serves now)")
     p.add_argument("--bundle-b", type=Path, required=True, help="the bundle to switch to and back from")
     p.add_argument("--rate", type=float, default=100.0, help="base rate, req/s (bursts at twice it)")
-    p.add_argument("--switches", type=int, default=10)
+    p.add_argument("--switches", type=int, default=10, help="0: the same load without switches, for a baseline")
+    p.add_argument("--duration-s", type=float, default=60.0, help="with --switches 0: how long the load runs")
     p.add_argument("--settle-s", type=float, default=5.0, help="load between switches")
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "rollout-drill")
     args = p.parse_args()
     base = args.url.rstrip("/")
     settings = ServeSettings()
-    a = rollout.current_spec(rollout._driver(settings, None), base).champion.bundle
+    a = (
+        str(args.bundle_a.resolve())
+        if args.bundle_a
+        else rollout.current_spec(rollout._driver(settings, None), base).champion.bundle
+    )
     b = str(args.bundle_b.resolve())
+    if a == b:
+        p.error(f"--bundle-b {b} is the bundle the service serves now: name another one, or pass --bundle-a")
     specs = {a: RolloutSpec.single(a), b: RolloutSpec.single(b)}
     pids = replica_pids(settings)
     print(f"champion {a}; switching to and from {b}; Ingress replicas {pids}", flush=True)
@@ -199,6 +207,8 @@ def main() -> int:
         switches.append((asked, live, bundle, before, peak(memory, asked, live)))
         print(f"switch {n + 1}: to {Path(bundle).name} in {live - asked:.1f} s", flush=True)
         time.sleep(args.settle_s)
+    if not args.switches:
+        time.sleep(args.duration_s)
     traffic.stop.set()
     loader.join(60)
     stop_memory.set()
@@ -242,7 +252,7 @@ def main() -> int:
         "0 failed requests": not failed,
         "p99 <= 100 ms": p99 <= 100.0,
         "versions change only at a switch": not unexplained,
-        "memory grows by at most one bundle in a switch": max(growth) <= 1.1 * one,
+        "memory grows by at most one bundle in a switch": max(growth, default=0.0) <= 1.1 * one,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({**result, "verdicts": verdicts}, indent=2))

@@ -21,11 +21,12 @@ from typing import Any
 
 from chain.rollout import ArmSpec, RolloutSpec
 from models.bundle import Manifest, verified
-from models.errors import ConfigError, NotMaterializedError, RecserveError
+from models.errors import ConfigError, RecserveError
 from pipeline.commands.serve import http_get
 from settings import ServeSettings, StoreSettings
 
 APP = "recserve"
+DRIVER_NICENESS = 10
 # Reads the deployed config of every application (and Serve's HTTP options) and, given a rollout, deploys the same
 # configs with the Ingress's user_config.rollout replaced. Prints the app's config as JSON.
 _DRIVER = """
@@ -68,6 +69,8 @@ def _driver(settings: ServeSettings, rollout: RolloutSpec | None, app: str = APP
             text=True,
             timeout=120,
             env={**os.environ, "RAY_ADDRESS": address},
+            # An operator's command must not take the CPU from serving: importing Ray and connecting costs seconds.
+            preexec_fn=lambda: os.nice(DRIVER_NICENESS),
         )
     except subprocess.TimeoutExpired:
         raise RecserveError(f"Ray at {address} did not answer within 120 s: is `recserve serve` running?") from None
@@ -144,16 +147,6 @@ def offline_gate(champion: Path, candidate: Path, tolerance: float) -> str:
     return text
 
 
-def require_materialized(store: StoreSettings, bundle: Path, version: str) -> None:
-    from pipeline.featurestore.store import marker_key, require_redis  # Feast's import takes seconds
-
-    if not require_redis(store).exists(marker_key(store.project, version)):
-        raise NotMaterializedError(
-            f"bundle {version} is not in the feature store (project {store.project}): run "
-            f"`recserve features materialize --bundle {bundle}` first"
-        )
-
-
 def _wait_serving(base: str, spec: RolloutSpec, timeout_s: float) -> dict[str, Any]:
     """Until /readyz, asked through the client URL, shows the spec's arms serving on 10 answers in a row (the
     balancer spreads them over the replicas); the last detail."""
@@ -188,7 +181,9 @@ def start(
     config = _driver(settings, None)
     champion = current_spec(config, base).champion
     path, manifest, _ = verified(bundle.resolve())
-    require_materialized(_store(config), path, manifest.version)
+    from pipeline.featurestore.store import require_materialized  # Feast's import takes seconds: `start` only
+
+    require_materialized(_store(config), manifest.version, path)
     print(offline_gate(Path(champion.bundle), path, tolerance), flush=True)
     share, role, name = (canary, "canary", "canary") if canary is not None else (ab, "challenger", "challenger")
     assert share is not None

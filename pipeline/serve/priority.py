@@ -10,18 +10,13 @@ the priority back once the replica is warm. Imports nothing heavy, on purpose.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import os
 import resource
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TypeVar
 
 NICENESS = 10
-T = TypeVar("T")
 _original: dict[str, int] = {}
 
 
@@ -55,21 +50,3 @@ def low_priority() -> Iterator[None]:
     finally:
         if "value" in _original:
             _set_all(_original.pop("value"))
-
-
-def run_low(fn: Callable[[], T]) -> asyncio.Future[T]:
-    """`fn()` on a thread of its own at NICENESS below this process, as an awaitable: a bundle that loads beside
-    the one serving takes only the CPU that serving leaves. A fresh thread, so no pool thread keeps the priority."""
-    done: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-    def run() -> None:
-        me = threading.get_native_id()
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, me, min(os.getpriority(os.PRIO_PROCESS, me) + NICENESS, 19))
-        try:
-            done.set_result(fn())
-        except BaseException as exc:  # for the awaiting coroutine to raise
-            done.set_exception(exc)
-
-    threading.Thread(target=run, name="recserve-load", daemon=True).start()
-    return asyncio.wrap_future(done)
