@@ -19,7 +19,9 @@ class Knobs(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     deadline_ms: float = Field(80.0, gt=0, le=10_000, description="the whole request's budget")
-    retrieval_share: float = Field(0.5, gt=0, lt=1, description="CF and content must answer within this share")
+    retrieval_share: float = Field(
+        0.5, gt=0, lt=1, description="CF and content must answer within this share (content, with a query: blend_share)"
+    )
     blend_share: float = Field(0.85, gt=0, lt=1, description="the blender must answer within this share")
     n_cf: int | None = Field(None, ge=1, le=1000, description="default: the bundle's training setting")
     n_content: int | None = Field(None, ge=1, le=1000)

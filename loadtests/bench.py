@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loadtests import arrivals
 from loadtests.bars import verdict_lines, verdict_markdown, verdicts
 from loadtests.systems import ROOT, SYSTEMS, Step, locust_step, running
+from pipeline.serve.metrics import histogram_quantile
 from settings import ServeSettings
 
 # Fine steps around the bars (colocated 200, floor 200-350 with 0.75x of it) and coarse ones elsewhere; 10 is there
@@ -67,21 +68,6 @@ def scrape() -> dict[tuple[str, str, float], float]:
     return out
 
 
-def quantile(buckets: list[tuple[float, float]], q: float) -> float:
-    """Linear interpolation within cumulative buckets, as PromQL's histogram_quantile does."""
-    total = buckets[-1][1]
-    if total <= 0:
-        return float("nan")
-    rank, prev_le, prev_n = q * total, 0.0, 0.0
-    for le, n in buckets:
-        if n >= rank:
-            if le == float("inf"):
-                return prev_le
-            return prev_le + (le - prev_le) * ((rank - prev_n) / (n - prev_n) if n > prev_n else 1.0)
-        prev_le, prev_n = le, n
-    return prev_le
-
-
 def stage_quantiles(before: dict, after: dict) -> dict[str, dict[str, float]]:
     names = sorted({(k[0], k[1]) for k in after})
     out = {}
@@ -92,7 +78,11 @@ def stage_quantiles(before: dict, after: dict) -> dict[str, dict[str, float]]:
             if k == kind and nm == name
         )
         if buckets and buckets[-1][1] > 0:
-            out[name] = {"p50": quantile(buckets, 0.5), "p99": quantile(buckets, 0.99), "n": buckets[-1][1]}
+            out[name] = {
+                "p50": histogram_quantile(buckets, 0.5),
+                "p99": histogram_quantile(buckets, 0.99),
+                "n": buckets[-1][1],
+            }
     return out
 
 

@@ -23,6 +23,7 @@ from chain.rollout import ArmSpec, RolloutSpec
 from models.bundle import Manifest, verified
 from models.errors import ConfigError, RecserveError
 from pipeline.commands.serve import http_get
+from pipeline.serve.metrics import histogram_quantile
 from settings import ServeSettings, StoreSettings
 
 APP = "recserve"
@@ -248,23 +249,10 @@ def arm_stats(metrics_url: str) -> dict[str, dict[str, float]]:
         out[arm] = {
             "answers": n,
             "degraded": degraded / n if n else float("nan"),
-            "p50": _quantile(cum, 0.5),
-            "p99": _quantile(cum, 0.99),
+            "p50": histogram_quantile(cum, 0.5),
+            "p99": histogram_quantile(cum, 0.99),
         }
     return out
-
-
-def _quantile(cum: list[tuple[float, float]], q: float) -> float:
-    if not cum or cum[-1][1] <= 0:
-        return float("nan")
-    rank, prev_le, prev_n = q * cum[-1][1], 0.0, 0.0
-    for le, n in cum:
-        if n >= rank:
-            if le == float("inf"):
-                return prev_le
-            return prev_le + (le - prev_le) * ((rank - prev_n) / (n - prev_n) if n > prev_n else 1.0)
-        prev_le, prev_n = le, n
-    return prev_le
 
 
 def status(base: str, settings: ServeSettings) -> str:

@@ -8,6 +8,22 @@ LATENCY_MS = [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60, 70, 80
 CANDIDATES = [10, 25, 50, 75, 100, 150, 200, 250, 300, 400, 500]
 
 
+def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float:
+    """The q-quantile of a Prometheus histogram given as (le, cumulative count) pairs in order of le: linear
+    interpolation within the bucket that holds the rank, as PromQL's histogram_quantile does (Prometheus docs,
+    "histogram_quantile()"). NaN for an empty histogram; the highest finite bound when the rank is in +Inf."""
+    if not buckets or buckets[-1][1] <= 0:
+        return float("nan")
+    rank, prev_le, prev_n = q * buckets[-1][1], 0.0, 0.0
+    for le, n in buckets:
+        if n >= rank:
+            if le == float("inf"):
+                return prev_le
+            return prev_le + (le - prev_le) * ((rank - prev_n) / (n - prev_n) if n > prev_n else 1.0)
+        prev_le, prev_n = le, n
+    return prev_le
+
+
 class NullRecorder:
     """For stage logic run without Ray (unit tests, scripts)."""
 

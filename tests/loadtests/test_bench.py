@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from loadtests.bench import quantile, stage_quantiles
+from loadtests.bench import stage_quantiles
 from pipeline.serve.metrics import LATENCY_MS
+from pipeline.serve.metrics import histogram_quantile as quantile
 
 BOUNDS = [*map(float, LATENCY_MS), float("inf")]
 

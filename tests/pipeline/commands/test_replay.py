@@ -72,7 +72,7 @@ def test_replay_answers_as_the_live_service(small_bundle, slice_online, store_se
     replayed = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert len(replayed) == len(reqs)
     for want, got in zip(answered, replayed, strict=True):
-        assert not want["degraded"]
+        assert not want["degraded"], (want["user_id"], want["fallback_reason"], want["timings_ms"])
         for key in ("user_id", "model_version", "items", "degraded", "fallback_reason"):
             assert got[key] == want[key], (key, want["user_id"])
 

@@ -119,6 +119,18 @@ def test_a_failing_or_stalled_stage_degrades_to_a_full_answer(core, slice_online
     assert r.timings_ms["total"] < 80 + 40  # answered near the deadline, not after the stalled stage
 
 
+def test_with_a_query_content_may_take_until_the_blenders_share(core, slice_online, stages):
+    # A 200 ms deadline: retrieval's share ends at 100 ms, the blender's at 170. Content stalled 120 ms (plus the
+    # query's encoding, about 20 ms).
+    chaos = Chaos(stage="content", mode="delay", delay_ms=120)
+    svc = service(core, slice_online, stages, chaos=chaos, deadline_ms=200)
+    plain = run(svc.recommend(Query(known_user(core), k=5)))
+    assert plain.degraded and "content_timeout" in plain.fallback_reason.split(",")
+    asked = run(svc.recommend(Query(known_user(core), k=5, query="christmas decoration")))
+    assert not asked.degraded, asked.fallback_reason
+    assert all("content" in i.sources for i in asked.items)
+
+
 def test_redis_down_serves_bundle_features_degraded(core, stages, slice_online):
     dead = StoreSettings(redis="127.0.0.1:1", project="unreachable")
     offline = OnlineFeatures(dead, core.version, slice_online.item_ids, slice_online.item_matrix)
