@@ -127,7 +127,6 @@ class SwitchState:
 
     target: RolloutSpec  # the spec asked for
     serving: RolloutSpec  # the spec answering now
-    since: float  # when the serving spec went live (time.time())
     error: str | None = None  # why the last switch failed, if it did (the old arms kept serving)
 
     @property
@@ -158,7 +157,7 @@ class Rollout:
         spec = RolloutSpec.single(key(bundle))
         self.arms: Arms[Chain] = Arms(spec, {spec.champion.bundle: chain})
         self.knobs = chain.knobs
-        self.state = SwitchState(spec, spec, time.time())
+        self.state = SwitchState(spec, spec)
         self._in_flight: dict[int, int] = {}
         self._waiting: RolloutSpec | None = None
         self._task: asyncio.Task | None = None
@@ -225,7 +224,8 @@ class Rollout:
                 await self._switch(spec)
             except Exception as exc:  # the old arms keep serving; the state says why
                 log.exception("rollout switch to %s failed; the current arms keep serving", spec)
-                self.state = replace(self.state, error=f"{type(exc).__name__}: {exc}")
+                # Done, failed: the target is what serves, so /readyz says "failed" and the same spec may be retried.
+                self.state = replace(self.state, target=self.state.serving, error=f"{type(exc).__name__}: {exc}")
 
     async def _switch(self, spec: RolloutSpec) -> None:
         chains: dict[str, Chain] = {}
@@ -241,7 +241,7 @@ class Rollout:
             chains[bundle] = chain
         old = self.arms
         self.arms = Arms(spec, chains)
-        self.state = replace(self.state, serving=spec, since=time.time())
+        self.state = replace(self.state, serving=spec)
         log.info("rollout: now serving %s", [(a.name, a.weight, a.bundle) for a in spec.arms])
         for bundle, chain in old.chains.items():
             if bundle not in chains:

@@ -89,7 +89,8 @@ def make_api(
     core = load_core(bundle)  # verifies every file's hash, once
     colocated = stages is None
     stages = stages or local_stages(core, settings.stage_threads, compile_cache)
-    rec = recorder(core.version) if recorder else NullRecorder()
+    recorder = recorder or (lambda _: NullRecorder())
+    rec = recorder(core.version)
     store = settings.store
     try:
         features = OnlineFeatures.load(store, core.version, core.snapshot.item_ids.tolist())
@@ -115,19 +116,15 @@ def make_api(
         arm_core = load_core(path)
         snap = arm_core.snapshot
         arm_features = OnlineFeatures.for_bundle(store, arm_core.version, snap.item_ids, snap.item_matrix)
-        arm_rec = recorder(arm_core.version) if recorder else NullRecorder()
         arm_stages = local_stages(arm_core, settings.stage_threads, compile_cache)
-        return Chain(arm_core, arm_features, arm_stages, settings.knobs, arm_rec, store_state=store_state)
-
-    def arm_chain_trimmed(path: Path) -> Chain:
-        chain = arm_chain(path)
+        arm = Chain(arm_core, arm_features, arm_stages, settings.knobs, recorder(arm_core.version), store_state)
         trim_heap()  # what loading read and dropped (Arrow buffers, pandas frames) goes back to the OS
-        return chain
+        return arm
 
     async def load(path: str) -> Chain:
         # A thread at the process's own priority: niced, it was preempted while holding the GIL, and the event
         # loop waited on it (p99 at 40 req/s rose from 58 to 710 ms during switches).
-        return await asyncio.to_thread(arm_chain_trimmed, Path(path))
+        return await asyncio.to_thread(arm_chain, Path(path))
 
     def writer() -> EventWriter:
         return EventWriter(open_store(store), store, settings.events)
