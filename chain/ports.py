@@ -34,4 +34,40 @@ class Recorder(Protocol):
     def stage(self, stage: str, ms: float) -> None: ...
     def fallback(self, reason: str) -> None: ...
     def candidates(self, n: int) -> None: ...
-    def answer(self, arm: str, version: str, ms: float, degraded: bool) -> None: ...
+    def answer(
+        self, arm: str, version: str, ms: float, degraded: bool, *, error: bool = False, candidates: int = 0
+    ) -> None: ...
+    def shadow(self, outcome: str, ms: float, overlap: float | None, tau: float | None) -> None: ...
+
+
+class NullRecorder:
+    """Records nothing: stage logic run without Ray (unit tests, scripts), and a shadow arm's own chain."""
+
+    def stage(self, stage: str, ms: float) -> None:
+        pass
+
+    def fallback(self, reason: str) -> None:
+        pass
+
+    def candidates(self, n: int) -> None:
+        pass
+
+    def request(self, route: str, status: int, ms: float) -> None:
+        pass
+
+    def answer(
+        self, arm: str, version: str, ms: float, degraded: bool, *, error: bool = False, candidates: int = 0
+    ) -> None:
+        pass
+
+    def shadow(self, outcome: str, ms: float, overlap: float | None, tau: float | None) -> None:
+        pass
+
+    def events(self, outcome: str, n: int) -> None:
+        pass
+
+    def rollback(self, arm: str, reason: str) -> None:
+        pass
+
+    def share(self, arm: str, percent: float) -> None:
+        pass

@@ -27,7 +27,7 @@ from chain.hydrate import hydrate
 from chain.knobs import Knobs
 from chain.merge import filter_candidates, merge
 from chain.order import order
-from chain.ports import FeatureStore, Recorder, Stages
+from chain.ports import FeatureStore, NullRecorder, Recorder, Stages
 from chain.retrieve import CFQuery, ContentQuery, cf_query, content_query, popular
 from chain.runtimes import ChaosStages
 from chain.score import single_source
@@ -103,6 +103,7 @@ class Chain:
         self.store = store
         self.fetcher = ContextFetcher(store, core.snapshot, store_state)
         self.stages = ChaosStages(stages)
+        self._store_state = store_state
         self.recorder = recorder
         # Per stage: consecutive failures, and until when it is skipped. A model replica that died leaves calls
         # hanging to the deadline (about 60 ms each in the distributed app) until Ray replaces it, ~25 s here;
@@ -112,6 +113,18 @@ class Chain:
         # Sees each request's candidates, feature rows and scores (the parity test compares them with offline's).
         self.trace: Callable[[Candidates, np.ndarray, Scored], None] | None = None
         self.reconfigure(knobs)
+
+    def twin(self, quiet: bool = False) -> Chain:
+        """Another chain over the same loaded bundle, store and stages, with knobs and circuit breakers of its own
+        (and, `quiet`, no metrics): an arm whose knobs differ, or a shadow, without loading the bundle twice."""
+        return Chain(
+            self.core,
+            self.store,
+            self.stages.inner,
+            self.knobs,
+            NullRecorder() if quiet else self.recorder,
+            self._store_state,
+        )
 
     def reconfigure(self, knobs: Knobs) -> None:
         self.knobs = knobs

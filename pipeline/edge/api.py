@@ -65,6 +65,7 @@ from pipeline.featurestore.eventlog import EventLog
 from pipeline.featurestore.events import EventSettings, EventWriter, validate_events
 from pipeline.featurestore.recovery import StoreWatch
 from pipeline.featurestore.store import require_redis
+from pipeline.serve.guard import CanaryGuard, RollbackLedger
 from pipeline.serve.metrics import NullRecorder
 from pipeline.serve.request_id import given_request_id, request_id_for
 from settings import StoreSettings
@@ -119,13 +120,16 @@ class Api:
         event_log: EventLog | None = None,
         load: Callable[[str], Awaitable[Chain]] | None = None,
         bundle_key: Callable[[str], str] = str,
+        ledger: RollbackLedger | None = None,
     ) -> None:
         """Once `start` runs: `watch` keeps the store's state current (and restores a lost store); `event_log`'s
         flusher drains accepted events into the hourly files (one replica at a time holds its lease). `load` makes
-        the chain of another bundle, for a rollout's arms (chain/rollout.py); without it, rollouts are refused."""
+        the chain of another bundle, for a rollout's arms (chain/rollout.py); without it, rollouts are refused. With
+        `ledger`, the canary guard runs too (pipeline/serve/guard.py)."""
         self.rollout = Rollout(chain, str(chain.core.path), load, bundle_key)
         self.watch = watch
         self.event_log = event_log
+        self.ledger = ledger
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.store_settings = store_settings
@@ -190,6 +194,9 @@ class Api:
                 self._tasks.append(asyncio.create_task(self.watch.run(self._stop)))
             if self.event_log is not None:
                 self._tasks.append(asyncio.create_task(self.event_log.run_flusher(self._stop)))
+            if self.ledger is not None:
+                guard = CanaryGuard(self.rollout, self.ledger, self.recorder)
+                self._tasks.append(asyncio.create_task(guard.run(self._stop)))
 
     async def stop(self) -> None:
         self._stop.set()
@@ -198,7 +205,7 @@ class Api:
 
     async def ready(self) -> tuple[bool, dict[str, Any]]:
         await self.start()
-        state = self.rollout.state
+        state, arms = self.rollout.state, self.rollout.arms
         detail: dict[str, Any] = {
             "models": "loaded",
             "model_version": self.chain.core.version,
@@ -206,8 +213,10 @@ class Api:
                 a.name: {
                     "role": a.role,
                     "weight": a.weight,
-                    "model_version": self._version(a.bundle),
+                    "share": arms.weight(a) if a.role != "shadow" else a.weight,
+                    "model_version": self._version(a.key),
                     "bundle": a.bundle,
+                    **({"rolled_back": arms.rolled_back[a.name]} if a.name in arms.rolled_back else {}),
                 }
                 for a in state.serving.arms
             },

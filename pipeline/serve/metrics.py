@@ -3,9 +3,15 @@ them (with Ray's own) on its export port, which deploy/prometheus.yml scrapes.""
 
 from __future__ import annotations
 
+from chain.ports import NullRecorder
+
+__all__ = ["CANDIDATES", "LATENCY_MS", "NullRecorder", "RayRecorder", "histogram_quantile"]
+
 # Fine below 100 ms, where the SLO lives; coarse above.
 LATENCY_MS = [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60, 70, 80, 100, 150, 250, 500, 1000, 2500]
 CANDIDATES = [10, 25, 50, 75, 100, 150, 200, 250, 300, 400, 500]
+AGREEMENT = [0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95, 1.0]  # overlap@10 moves in steps of 0.1
+CORRELATION = [-0.8, -0.6, -0.4, -0.2, 0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0]
 
 
 def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float:
@@ -22,28 +28,6 @@ def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float:
             return prev_le + (le - prev_le) * ((rank - prev_n) / (n - prev_n) if n > prev_n else 1.0)
         prev_le, prev_n = le, n
     return prev_le
-
-
-class NullRecorder:
-    """For stage logic run without Ray (unit tests, scripts)."""
-
-    def stage(self, stage: str, ms: float) -> None:
-        pass
-
-    def fallback(self, reason: str) -> None:
-        pass
-
-    def candidates(self, n: int) -> None:
-        pass
-
-    def request(self, route: str, status: int, ms: float) -> None:
-        pass
-
-    def answer(self, arm: str, version: str, ms: float, degraded: bool) -> None:
-        pass
-
-    def events(self, outcome: str, n: int) -> None:
-        pass
 
 
 class RayRecorder:
@@ -81,6 +65,41 @@ class RayRecorder:
             boundaries=LATENCY_MS,
             tag_keys=("arm", "version"),
         )
+        self._arm_errors = metrics.Counter(
+            "recserve_arm_errors",
+            description="/recommend answers that failed (an error, or the internal_error rung) by arm and bundle",
+            tag_keys=("arm", "version"),
+        )
+        self._arm_candidates = metrics.Histogram(
+            "recserve_arm_candidates",
+            description="merged candidates per /recommend by rollout arm and bundle",
+            boundaries=CANDIDATES,
+            tag_keys=("arm", "version"),
+        )
+        self._shadow = metrics.Counter(
+            "recserve_shadow_requests", description="shadow requests by outcome", tag_keys=("outcome",)
+        )
+        self._shadow_latency = metrics.Histogram(
+            "recserve_shadow_latency_ms", description="the shadow arm's latency", boundaries=LATENCY_MS
+        )
+        self._shadow_overlap = metrics.Histogram(
+            "recserve_shadow_overlap_at_10",
+            description="overlap@10 of the shadow's answer with the caller's (share of the 10, 0-1)",
+            boundaries=AGREEMENT,
+        )
+        self._shadow_tau = metrics.Histogram(
+            "recserve_shadow_rank_correlation",
+            description="Kendall's tau-b between the ranks the shadow and the caller's answer give their common items",
+            boundaries=CORRELATION,
+        )
+        self._rollbacks = metrics.Counter(
+            "recserve_rollbacks",
+            description="canary arms rolled back by the guard, once per experiment (reason: p99, error, degraded)",
+            tag_keys=("arm", "reason"),
+        )
+        self._share = metrics.Gauge(
+            "recserve_arm_share", description="percent of users each arm serves now, in this replica", tag_keys=("arm",)
+        )
         info = metrics.Gauge("recserve_model_info", description="the bundle served", tag_keys=("version", "topology"))
         info.set(1, tags={"version": version, "topology": topology})
 
@@ -100,6 +119,28 @@ class RayRecorder:
     def events(self, outcome: str, n: int) -> None:
         self._events.inc(n, tags={"outcome": outcome})
 
-    def answer(self, arm: str, version: str, ms: float, degraded: bool) -> None:
-        self._arm_answers.inc(1, tags={"arm": arm, "version": version, "degraded": str(degraded).lower()})
-        self._arm_latency.observe(ms, tags={"arm": arm, "version": version})
+    def answer(
+        self, arm: str, version: str, ms: float, degraded: bool, *, error: bool = False, candidates: int = 0
+    ) -> None:
+        tags = {"arm": arm, "version": version}
+        self._arm_answers.inc(1, tags={**tags, "degraded": str(degraded).lower()})
+        self._arm_latency.observe(ms, tags=tags)
+        if error:
+            self._arm_errors.inc(1, tags=tags)
+        else:
+            self._arm_candidates.observe(candidates, tags=tags)
+
+    def shadow(self, outcome: str, ms: float, overlap: float | None, tau: float | None) -> None:
+        self._shadow.inc(1, tags={"outcome": outcome})
+        if outcome in ("answered", "degraded"):
+            self._shadow_latency.observe(ms)
+        if overlap is not None:
+            self._shadow_overlap.observe(overlap)
+        if tau is not None:
+            self._shadow_tau.observe(tau)
+
+    def rollback(self, arm: str, reason: str) -> None:
+        self._rollbacks.inc(1, tags={"arm": arm, "reason": reason})
+
+    def share(self, arm: str, percent: float) -> None:
+        self._share.set(percent, tags={"arm": arm})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from chain.rollout import Arms, ArmSpec, RolloutSpec, assign, bucket
+from chain.rollout import Arms, ArmSpec, ArmWindow, Guard, RolloutSpec, WindowStats, agreement, assign, bucket, verdict
 
 USERS = [str(12346 + i) for i in range(10_000)]
 
@@ -80,3 +80,73 @@ def test_a_zero_weight_arm_gets_no_user_and_a_forced_arm_is_served():
     assert arms.pick("12346", forced="shadowless") == (s.arms[1], "chain-2")
     with pytest.raises(KeyError):
         arms.pick("12346", forced="nope")
+
+
+def test_a_shadow_serves_no_user_and_its_weight_is_a_share_of_requests():
+    s = spec(("champion", 90, "champion"), ("canary", 10, "canary"), ("shadow", 25, "shadow"))
+    assert s.shadow is not None and s.shadow.name == "shadow"
+    assert {assign(u, s).name for u in USERS} == {"champion", "canary"}
+    with pytest.raises(ValidationError, match="at most one arm may be the shadow"):
+        spec(("champion", 100, "champion"), ("s1", 10, "shadow"), ("s2", 10, "shadow"))
+    with pytest.raises(ValidationError, match="sum to 90, not 100"):
+        spec(("champion", 90, "champion"), ("shadow", 10, "shadow"))
+
+
+def test_an_arms_own_knobs_are_checked_and_give_it_a_chain_of_its_own():
+    plain = ArmSpec(name="canary", bundle="b", weight=10, role="canary")
+    chaos = ArmSpec(
+        name="canary", bundle="b", weight=10, role="canary", knobs={"chaos": {"stage": "cf", "mode": "error"}}
+    )
+    shadow = ArmSpec(name="shadow", bundle="b", weight=10, role="shadow")
+    assert len({plain.key, chaos.key, shadow.key}) == 3 and plain.key == "b"
+    with pytest.raises(ValidationError, match="deadline_ms"):
+        ArmSpec(name="canary", bundle="b", weight=10, knobs={"deadline_ms": -1})
+    with pytest.raises(ValidationError, match="no_such_knob"):
+        ArmSpec(name="canary", bundle="b", weight=10, knobs={"no_such_knob": 1})
+
+
+def test_a_rolled_back_canarys_users_go_to_the_champion_and_no_one_else_moves():
+    s = spec(("champion", 60, "champion"), ("canary", 20, "canary"), ("challenger", 20, "challenger"))
+    chains = {"b-champion": "c1", "b-canary": "c2", "b-challenger": "c3"}
+    before = Arms(s, chains)
+    after = Arms(s, chains, {"canary": "p99 ..."})
+    for u in USERS[:3000]:
+        arm, _ = before.pick(u)
+        now, chain = after.pick(u)
+        assert now.name == ("champion" if arm.name == "canary" else arm.name)
+        assert chain == chains[now.key]
+    assert [after.weight(a) for a in s.arms] == [80.0, 0.0, 20.0]
+    assert after.pick("12346", forced="canary")[0].name == "canary"  # forcing still reaches it, for a look
+
+
+@pytest.mark.parametrize(
+    ("canary", "champion", "expected"),
+    [
+        (WindowStats(500, 12.0, 0.0, 0.01), WindowStats(2000, 10.0, 0.0, 0.01), None),
+        (WindowStats(500, 60.0, 0.0, 0.01), WindowStats(2000, 10.0, 0.0, 0.01), "p99"),
+        (WindowStats(500, 12.0, 0.05, 0.05), WindowStats(2000, 10.0, 0.0, 0.01), "error"),
+        (WindowStats(500, 12.0, 0.0, 0.20), WindowStats(2000, 10.0, 0.0, 0.01), "degraded"),
+        (WindowStats(50, 500.0, 1.0, 1.0), WindowStats(2000, 10.0, 0.0, 0.01), None),  # too few to judge
+    ],
+)
+def test_the_guard_verdict_applies_each_margin(canary, champion, expected):
+    why = verdict(canary, champion, Guard())
+    assert (why.partition(" ")[0] if why else None) == expected
+
+
+def test_an_arm_window_keeps_only_the_window():
+    w = ArmWindow()
+    for i in range(200):
+        w.add(float(i), ms=float(i), degraded=i % 2 == 0, error=i >= 190)
+    stats = w.stats(now=199.0, window_s=99.5)  # rows 100..199
+    assert stats.answers == 100
+    assert stats.error_rate == pytest.approx(0.10) and stats.degraded_share == pytest.approx(0.5)
+    assert 197.0 <= stats.p99_ms <= 199.0
+
+
+def test_agreement_is_overlap_at_10_and_kendalls_tau_of_the_common_items():
+    a = [str(i) for i in range(10)]
+    assert agreement(a, a) == pytest.approx((1.0, 1.0))
+    assert agreement(a, list(reversed(a))) == pytest.approx((1.0, -1.0))
+    assert agreement(a, ["x", "y", *a[:8]]) == pytest.approx((0.8, 1.0))
+    assert agreement(a, ["x"] * 9 + ["0"]) == (0.1, None)
