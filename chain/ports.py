@@ -30,6 +30,14 @@ class Stages(Protocol):
     async def similar(self, item: int, n: int) -> SourceList: ...
 
 
+class BundleStages(Stages, Protocol):
+    """Stages that serve several bundles (the distributed topology's model deployments, multiplexed)."""
+
+    def for_bundle(self, bundle: str) -> Stages:
+        """The same stages, answering with `bundle`'s models."""
+        ...
+
+
 class Recorder(Protocol):
     def stage(self, stage: str, ms: float) -> None: ...
     def fallback(self, reason: str) -> None: ...

@@ -453,8 +453,8 @@ class Rollout:
         new = {a.bundle for a in spec.arms} - loaded
         if new and self._load is None:
             raise ConfigError(
-                f"this replica cannot load other bundles ({', '.join(sorted(new))}): the distributed topology "
-                "serves its application's one bundle; roll out in the colocated topology, or deploy the bundle"
+                f"this replica cannot load other bundles ({', '.join(sorted(new))}): it was built without a bundle "
+                "loader (pipeline/serve/local.make_api gives one); deploy the bundle as the application's instead"
             )
         self.state = replace(self.state, target=spec, error=None)
         self._waiting = spec

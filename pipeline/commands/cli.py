@@ -200,11 +200,16 @@ def cmd_rollout(args: argparse.Namespace, settings: Settings) -> int:
 
     base = args.url.rstrip("/")
     if args.rollout_command == "start":
-        if (args.canary is None) == (args.ab is None):
+        if (args.canary is not None and args.ab is not None) or (args.canary, args.ab, args.shadow) == (None,) * 3:
             from models.errors import ConfigError
 
-            raise ConfigError("give one of --canary PCT or --ab PCT: the share of users the new bundle serves")
-        spec = rollout.start(args.bundle, args.canary, args.ab, args.salt, args.tolerance, base, settings.serve)
+            raise ConfigError(
+                "give one of --canary PCT or --ab PCT (the share of users the new bundle serves), and/or --shadow "
+                "PCT (the share of requests it answers too, unseen)"
+            )
+        spec = rollout.start(
+            args.bundle, args.canary, args.ab, args.salt, args.tolerance, base, settings.serve, shadow=args.shadow
+        )
     elif args.rollout_command == "promote":
         spec = rollout.promote(base, settings.serve)
     elif args.rollout_command == "rollback":
@@ -326,6 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--bundle", type=Path, required=True, help="the candidate bundle's directory")
     start.add_argument("--canary", type=_percent, metavar="PCT", help="percent of users on the candidate (canary)")
     start.add_argument("--ab", type=_percent, metavar="PCT", help="percent of users on the candidate (A/B test)")
+    start.add_argument(
+        "--shadow",
+        type=_percent,
+        metavar="PCT",
+        help="percent of requests the candidate answers too, off the callers' path, to compare (no user sees it)",
+    )
     start.add_argument("--salt", help="the experiment's salt (default: the candidate's version): a new one re-draws")
     start.add_argument(
         "--tolerance",

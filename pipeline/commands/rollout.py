@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from chain.rollout import ArmSpec, RolloutSpec
+from chain.rollout import ArmSpec, Role, RolloutSpec
 from models.bundle import Manifest, verified
 from models.errors import ConfigError, RecserveError
 from pipeline.commands.serve import http_get
@@ -177,23 +177,30 @@ def start(
     tolerance: float,
     base: str,
     settings: ServeSettings,
+    shadow: float | None = None,
 ) -> RolloutSpec:
-    """The current champion plus `bundle` as a canary (or an A/B challenger) at the given percent of users."""
+    """The current champion plus `bundle` as a canary (or an A/B challenger) at the given percent of users, and/or
+    as the shadow of `shadow` percent of requests."""
     config = _driver(settings, None)
-    champion = current_spec(config, base).champion
+    current = current_spec(config, base)
+    champion = current.champion
     path, manifest, _ = verified(bundle.resolve())
     from pipeline.featurestore.store import require_materialized  # Feast's import takes seconds: `start` only
 
     require_materialized(_store(config), manifest.version, path)
     print(offline_gate(Path(champion.bundle), path, tolerance), flush=True)
-    share, role, name = (canary, "canary", "canary") if canary is not None else (ab, "challenger", "challenger")
-    assert share is not None
+    share = canary if canary is not None else ab
+    arms = [champion.model_copy(update={"weight": 100.0 - (share or 0.0)})]
+    if share is not None:
+        role: Role = "canary" if canary is not None else "challenger"
+        arms.append(ArmSpec(name=role, bundle=str(path), weight=share, role=role))
+    if shadow is not None:
+        arms.append(ArmSpec(name="shadow", bundle=str(path), weight=shadow, role="shadow"))
     spec = RolloutSpec(
         salt=salt or f"{manifest.version}",
-        arms=(
-            champion.model_copy(update={"weight": 100.0 - share}),
-            ArmSpec(name=name, bundle=str(path), weight=share, role=role),
-        ),
+        arms=tuple(arms),
+        guard=current.guard,
+        shadow_limits=current.shadow_limits,
     )
     deploy(spec, base, 300.0, settings)
     return spec
@@ -202,12 +209,11 @@ def start(
 def promote(base: str, settings: ServeSettings) -> RolloutSpec:
     """The one challenger or canary becomes the champion, for every user."""
     spec = current_spec(_driver(settings, None), base)
-    others = [a for a in spec.arms if a.role != "champion"]
+    others = [a for a in spec.users_arms if a.role != "champion"] or [a for a in spec.arms if a.role == "shadow"]
     if len(others) != 1:
-        raise ConfigError(f"promote needs exactly one challenger or canary; the rollout has {len(others)}")
-    new = RolloutSpec(
-        salt=spec.salt, arms=(others[0].model_copy(update={"weight": 100.0, "role": "champion", "name": "champion"}),)
-    )
+        raise ConfigError(f"promote needs exactly one challenger, canary or shadow; the rollout has {len(others)}")
+    promoted = others[0].model_copy(update={"weight": 100.0, "role": "champion", "name": "champion", "knobs": None})
+    new = RolloutSpec(salt=spec.salt, arms=(promoted,), guard=spec.guard, shadow_limits=spec.shadow_limits)
     deploy(new, base, 300.0, settings)
     return new
 
@@ -215,7 +221,8 @@ def promote(base: str, settings: ServeSettings) -> RolloutSpec:
 def rollback(base: str, settings: ServeSettings) -> RolloutSpec:
     """Every user back on the champion."""
     spec = current_spec(_driver(settings, None), base)
-    new = RolloutSpec(salt=spec.salt, arms=(spec.champion.model_copy(update={"weight": 100.0}),))
+    champion = spec.champion.model_copy(update={"weight": 100.0})
+    new = RolloutSpec(salt=spec.salt, arms=(champion,), guard=spec.guard, shadow_limits=spec.shadow_limits)
     deploy(new, base, 300.0, settings)
     return new
 

@@ -2,6 +2,12 @@
 
 Each loads its artifacts once, in __init__; replicas, CPUs, GPUs and max_ongoing_requests come from the serve
 config; runtime knobs come through user_config and reconfigure.
+
+Rollouts in the distributed topology use Ray Serve's model multiplexing: a request for another bundle than the
+application's carries the bundle as its multiplexed model id, and a model replica loads that bundle's stage on
+first use (at most `MODELS_PER_REPLICA`, least recently used out), while Serve routes the bundle's requests to the
+replicas that hold it. Why not per-version deployments: adding a deployment changes the application's args (a
+code change to Serve: every replica restarts, the outage a rollout must avoid), while a model id is per request.
 """
 
 from __future__ import annotations
@@ -29,31 +35,61 @@ from pipeline.serve.metrics import RayRecorder
 from pipeline.serve.priority import low_priority
 from settings import configure_process
 
+# The application's bundle plus two rollout bundles (a canary and the one it replaces, during a switch).
+MODELS_PER_REPLICA = 3
+
+
+class _Multiplexed:
+    """A model deployment's stage for the request's bundle: the application's own, loaded in __init__, or another
+    bundle's (a rollout arm), loaded on first use through Serve's model multiplexing."""
+
+    bundle: str
+    stage: Any
+
+    def _load(self, bundle: str) -> Any:
+        raise NotImplementedError
+
+    @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
+    async def _other(self, bundle: str) -> Any:
+        return await asyncio.to_thread(self._load, bundle)
+
+    async def current(self) -> Any:
+        bundle = serve.get_multiplexed_model_id()
+        return self.stage if not bundle or bundle == self.bundle else await self._other(bundle)
+
 
 @serve.deployment(max_ongoing_requests=64)
-class CollaborativeFilter:
+class CollaborativeFilter(_Multiplexed):
     def __init__(self, bundle: str) -> None:
         with low_priority():  # a (re)starting replica leaves the CPU to the ones serving
             configure_process(torch=True)
-            path, _, settings = verified(Path(bundle))
-            self.stage = CFStage(ALSModel.load(path, settings.cf), device=pick_device())
+            self.bundle = bundle
+            self.stage = self._load(bundle)
         freeze_heap()
 
+    def _load(self, bundle: str) -> CFStage:
+        path, _, settings = verified(Path(bundle))
+        return CFStage(ALSModel.load(path, settings.cf), device=pick_device())
+
     async def retrieve(self, q: CFQuery) -> SourceList:
-        return self.stage.retrieve(q)
+        return (await self.current()).retrieve(q)
 
 
 @serve.deployment(max_ongoing_requests=64)
-class ContentModel:
+class ContentModel(_Multiplexed):
     def __init__(self, bundle: str) -> None:
         with low_priority():
             configure_process(torch=True)
-            path, _, _ = verified(Path(bundle))
-            device = pick_device()
-            self.stage = ContentStage(ContentModelClass.load(path, device=device)).warm()
+            self.bundle = bundle
+            self.device = pick_device()
+            self.stage = self._load(bundle)
         # On a GPU, queries from concurrent requests are encoded as one batch; on a CPU, batching only adds wait.
-        self.batch_queries = device != "cpu"
+        self.batch_queries = self.device != "cpu"
         freeze_heap()
+
+    def _load(self, bundle: str) -> ContentStage:
+        path, _, _ = verified(Path(bundle))
+        return ContentStage(ContentModelClass.load(path, device=self.device)).warm()
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.003)
     async def _encode(self, texts: list[str]) -> list[np.ndarray]:
@@ -63,35 +99,50 @@ class ContentModel:
         return list(encode(encoder, texts, batch_size=len(texts), progress=False))
 
     async def retrieve(self, q: ContentQuery) -> SourceList:
+        stage = await self.current()
         vector = None
-        if q.query and self.batch_queries:
+        if q.query and self.batch_queries:  # the encoder is one for every bundle (models.content.load_encoder)
             vector = await self._encode(normalize_query(q.query))
         elif q.query:  # off the replica's event loop: torch releases the GIL while it encodes
-            vector = await asyncio.to_thread(self.stage.encode, normalize_query(q.query))
-        return self.stage.retrieve(q, vector)
+            vector = await asyncio.to_thread(stage.encode, normalize_query(q.query))
+        return stage.retrieve(q, vector)
 
     async def similar(self, item: int, n: int) -> SourceList:
-        return self.stage.similar(item, n)
+        return (await self.current()).similar(item, n)
 
 
 @serve.deployment(max_ongoing_requests=64)
-class Blender:
+class Blender(_Multiplexed):
     def __init__(self, bundle: str) -> None:
         with low_priority():
-            process = configure_process(torch=True)
-            path, _, _ = verified(Path(bundle))
-            self.stage = BlendStage(BlenderModel.load(path, num_threads=1, compile_cache=process.compile_cache))
+            self.process = configure_process(torch=True)
+            self.bundle = bundle
+            self.stage = self._load(bundle)
         freeze_heap()
 
+    def _load(self, bundle: str) -> BlendStage:
+        path, _, _ = verified(Path(bundle))
+        return BlendStage(BlenderModel.load(path, num_threads=1, compile_cache=self.process.compile_cache))
+
     async def score(self, x: np.ndarray) -> np.ndarray:
-        return self.stage.score(x)
+        return (await self.current()).score(x)
 
 
 class RemoteStages:
-    """Distributed: each stage is a call to its deployment."""
+    """Distributed: each stage is a call to its deployment; `bundle` (another than the application's) goes with
+    each call as its multiplexed model id, for a rollout arm."""
 
-    def __init__(self, cf: DeploymentHandle, content: DeploymentHandle, blend: DeploymentHandle) -> None:
+    def __init__(
+        self, cf: DeploymentHandle, content: DeploymentHandle, blend: DeploymentHandle, bundle: str | None = None
+    ) -> None:
         self.cf_handle, self.content_handle, self.blend_handle = cf, content, blend
+        if bundle is not None:
+            self.cf_handle, self.content_handle, self.blend_handle = (
+                h.options(multiplexed_model_id=bundle) for h in (cf, content, blend)
+            )
+
+    def for_bundle(self, bundle: str) -> RemoteStages:
+        return RemoteStages(self.cf_handle, self.content_handle, self.blend_handle, bundle)
 
     async def cf(self, q: CFQuery) -> SourceList:
         return await self.cf_handle.retrieve.remote(q)

@@ -21,7 +21,7 @@ import yaml
 from fastapi import FastAPI
 
 from chain.knobs import Knobs
-from chain.ports import Stages
+from chain.ports import BundleStages, Stages
 from chain.recommend import Chain
 from chain.retrieve import CFStage, ContentStage
 from chain.runtimes import LocalStages
@@ -80,7 +80,7 @@ def local_stages(core: ServingCore, threads: int, compile_cache: Path | None = N
 
 def make_api(
     settings: AppArgs,
-    stages: Stages | None = None,
+    stages: BundleStages | None = None,
     recorder: Callable[[str], Any] | None = None,
     compile_cache: Path | None = None,
 ) -> Api:
@@ -88,7 +88,7 @@ def make_api(
     trees cached in `compile_cache` (default: the temp dir). `recorder(version)` makes the metrics recorder."""
     bundle = Path(str(settings.bundle))
     core = load_core(bundle)  # verifies every file's hash, once
-    colocated = stages is None
+    remote = stages
     stages = stages or local_stages(core, settings.stage_threads, compile_cache)
     recorder = recorder or (lambda _: NullRecorder())
     rec = recorder(core.version)
@@ -117,7 +117,12 @@ def make_api(
         arm_core = load_core(path)
         snap = arm_core.snapshot
         arm_features = OnlineFeatures.for_bundle(store, arm_core.version, snap.item_ids, snap.item_matrix)
-        arm_stages = local_stages(arm_core, settings.stage_threads, compile_cache)
+        # Colocated: the arm's own models in this process. Distributed: the same model deployments, each call
+        # carrying the bundle as its multiplexed model id (pipeline/serve/deployments.py).
+        if remote is None:
+            arm_stages: Stages = local_stages(arm_core, settings.stage_threads, compile_cache)
+        else:
+            arm_stages = remote.for_bundle(str(path))
         arm = Chain(arm_core, arm_features, arm_stages, settings.knobs, recorder(arm_core.version), store_state)
         trim_heap()  # what loading read and dropped (Arrow buffers, pandas frames) goes back to the OS
         return arm
@@ -138,7 +143,7 @@ def make_api(
         rec,
         watch,
         event_log,
-        load=load if colocated else None,
+        load=load,
         bundle_key=lambda path: str(settings.model_copy(update={"bundle": Path(path)}).bundle_path()),
         ledger=RollbackLedger(store),
     )

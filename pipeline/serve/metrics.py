@@ -11,7 +11,8 @@ __all__ = ["CANDIDATES", "LATENCY_MS", "NullRecorder", "RayRecorder", "histogram
 LATENCY_MS = [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60, 70, 80, 100, 150, 250, 500, 1000, 2500]
 CANDIDATES = [10, 25, 50, 75, 100, 150, 200, 250, 300, 400, 500]
 AGREEMENT = [0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95, 1.0]  # overlap@10 moves in steps of 0.1
-CORRELATION = [-0.8, -0.6, -0.4, -0.2, 0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0]
+# Ray's histograms take positive bounds only: Kendall's tau goes out as the concordant share of pairs, (1 + tau) / 2.
+CONCORDANCE = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0]
 
 
 def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float:
@@ -87,10 +88,11 @@ class RayRecorder:
             description="overlap@10 of the shadow's answer with the caller's (share of the 10, 0-1)",
             boundaries=AGREEMENT,
         )
-        self._shadow_tau = metrics.Histogram(
-            "recserve_shadow_rank_correlation",
-            description="Kendall's tau-b between the ranks the shadow and the caller's answer give their common items",
-            boundaries=CORRELATION,
+        self._shadow_concordance = metrics.Histogram(
+            "recserve_shadow_rank_concordance",
+            description="(1 + Kendall's tau-b) / 2 between the ranks the shadow's and the caller's answers give their "
+            "common items: the share of concordant pairs without ties (1 the same order, 0.5 unrelated, 0 reversed)",
+            boundaries=CONCORDANCE,
         )
         self._rollbacks = metrics.Counter(
             "recserve_rollbacks",
@@ -137,7 +139,7 @@ class RayRecorder:
         if overlap is not None:
             self._shadow_overlap.observe(overlap)
         if tau is not None:
-            self._shadow_tau.observe(tau)
+            self._shadow_concordance.observe((1.0 + tau) / 2.0)
 
     def rollback(self, arm: str, reason: str) -> None:
         self._rollbacks.inc(1, tags={"arm": arm, "reason": reason})

@@ -261,11 +261,15 @@ def test_metrics_show_the_stage_histograms_after_traffic(app):
     assert "recserve_model_info" in text and f'topology="{topology}"' in text
 
 
+MODEL_DEPLOYMENTS = ("CollaborativeFilter", "ContentModel", "Blender")
+
+
 def test_a_rollout_changes_the_arms_without_restarting_a_replica(app, small_bundle, second_bundle, second_online):
-    if app.topology != "colocated":
-        pytest.skip("the distributed topology serves its application's one bundle (rollouts are colocated)")
+    """Colocated, each Ingress replica loads the new bundle; distributed, the model deployments load it through
+    Serve's model multiplexing. Either way no replica restarts."""
     env = SETTINGS_ENV
-    before = sorted(r["pid"] for r in replicas("Ingress"))
+    deployments = ("Ingress", *(MODEL_DEPLOYMENTS if app.topology == "distributed" else ()))
+    before = {d: sorted(r["pid"] for r in replicas(d)) for d in deployments}
     out = recserve("rollout", "start", "--bundle", str(second_bundle), "--ab", "50", "--url", app.url, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "champion slice-v1:" in out.stdout and "candidate slice-v2:" in out.stdout  # both offline tables
@@ -284,7 +288,7 @@ def test_a_rollout_changes_the_arms_without_restarting_a_replica(app, small_bund
         assert body["model_version"] == versions[body["arm"]]
         seen.add(body["arm"])
     assert seen == {"champion", "challenger"}
-    assert sorted(r["pid"] for r in replicas("Ingress")) == before  # reconfigured in place, not restarted
+    assert {d: sorted(r["pid"] for r in replicas(d)) for d in deployments} == before  # in place, not restarted
     status = recserve("rollout", "status", "--url", app.url, env=env)
     assert status.returncode == 0 and "challenger" in status.stdout and "slice-v2" in status.stdout, status.stdout
     back = recserve("rollout", "rollback", "--url", app.url, env=env)
@@ -292,6 +296,50 @@ def test_a_rollout_changes_the_arms_without_restarting_a_replica(app, small_bund
     for user in _users(small_bundle)[:20]:
         body = recommend(app.client, user_id=user, k=3).json()
         assert (body["arm"], body["model_version"]) == ("champion", "slice-v1")
+
+
+def test_a_failing_canary_is_rolled_back_on_every_replica_and_counted_once(app, small_bundle, second_bundle):
+    """Through Serve: a canary whose blender fails on purpose (its own chaos knob) is rolled back by whichever
+    replica judges first; every replica follows through Redis; the metric counts the event once."""
+    from pipeline.commands.rollout import deploy
+
+    spec = RolloutSpec(
+        salt=f"e2e-guard-{time.time_ns()}",
+        arms=(
+            ArmSpec(name="champion", bundle=str(small_bundle), weight=50, role="champion"),
+            ArmSpec(
+                name="canary",
+                bundle=str(second_bundle),
+                weight=50,
+                role="canary",
+                knobs={"chaos": {"stage": "blend", "mode": "error"}},
+            ),
+        ),
+    )
+    deploy(spec, app.url, 300.0, SETTINGS)
+    users = _users(small_bundle)
+    began = time.monotonic()
+
+    def rolled_back() -> bool:
+        for u in users[:40]:
+            recommend(app.client, user_id=u, k=3)
+        shown = [json.loads(http_get(f"{app.url}/readyz", 5.0)[1])["arms"]["canary"] for _ in range(6)]
+        return all("rolled_back" in a and a["share"] == 0.0 for a in shown)
+
+    wait_for(rolled_back, 60.0, "the canary rolled back on every replica")
+    took = time.monotonic() - began
+    assert {recommend(app.client, user_id=u, k=3).json()["arm"] for u in users[:40]} == {"champion"}
+
+    def counted() -> float:
+        text = httpx.get(f"http://127.0.0.1:{SETTINGS.metrics_port}/metrics", timeout=5).text
+        found = re.findall(r'^ray_recserve_rollbacks_total\{[^}]*arm="canary"[^}]*\} ([0-9.e+]+)$', text, re.M)
+        return sum(float(v) for v in found)
+
+    wait_for(lambda: counted() > 0, 30.0, "recserve_rollbacks exported")
+    assert counted() == 1.0
+    _report(f"e2e canary guard: a failing canary rolled back on every replica {took:.1f} s after its deploy")
+    back = recserve("rollout", "rollback", "--url", app.url, env=SETTINGS_ENV)
+    assert back.returncode == 0, back.stderr[-3000:]
 
 
 # The lifecycle drills run last in the module: they kill replicas of the app the tests above used.
