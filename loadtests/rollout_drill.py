@@ -6,9 +6,10 @@ only at a switch, and a replica's memory grows by at most one bundle.
                                       [--switches 10] [--out reports/rollout-drill]
 
 Needs a running `recserve serve` (colocated), both bundles materialized (`recserve features materialize
---bundle DIR`), and an admin key in RECSERVE_API_KEY (checked against the service's GET /admin/rollout first). The first bundle is the champion the service serves when the drill starts. Switches go through the
-same path as `recserve rollout` (Serve's config API; no replica restarts). Load: Poisson arrivals at twice the base
-rate for 2 s in every 10 (loadtests/arrivals.py), /recommend for the bundle's holdout users with 10% new ones.
+--bundle DIR`), and an admin key in RECSERVE_API_KEY (checked against the service's GET /admin/rollout first).
+The first bundle is the champion the service serves when the drill starts. Switches go through the same path as
+`recserve rollout` (Serve's config API; no replica restarts). Load: Poisson arrivals at twice the base rate for 2 s
+in every 10 (loadtests/arrivals.py), /recommend for the bundle's holdout users with 10% new ones.
 
 Memory: the Ingress replicas' RSS (found in Ray's actor table), sampled every 0.5 s. "One bundle" is measured
 first: RSS with both bundles loaded (a 50/50 rollout) minus RSS with one.
