@@ -230,7 +230,8 @@ def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
         f"created API key {args.name!r} (scope {','.join(scopes)}); its sha256 digest is in {path}.\n"
         "The key is shown this once; store it now (a running service reads the file again within a second):\n\n"
         f"{key}\n\n"
-        f"use:  curl -H 'Authorization: Bearer {key}' ...   (recserve rollout: --key or RECSERVE_API_KEY)"
+        'use:  KEY=<the key above>; curl -H "Authorization: Bearer $KEY" ...   (recserve rollout: --key or '
+        "RECSERVE_API_KEY)"
     )
     return 0
 

@@ -346,7 +346,7 @@ def keys_hint(settings: Settings, base: str) -> str:
     except ConfigError as exc:  # the replicas refuse to start on this too; say it here as well
         return f"API keys: {exc}"
     events = (
-        f"curl -s -X POST {base}/events -H 'Authorization: Bearer $KEY' -H 'Content-Type: application/json' "
+        f"curl -s -X POST {base}/events -H \"Authorization: Bearer $KEY\" -H 'Content-Type: application/json' "
         '-d \'{"events": [{"user_id": "12347", "item_id": "85123A", "event_type": "view"}]}\''
     )
     if keys:
