@@ -621,7 +621,8 @@ def build_api(
     `keys` (a KeyRing, or a getter of one) are the API keys the guarded routes accept: POST /events needs scope
     events:write, GET /admin/* and the X-Recserve-Arm header need admin (401 without a valid key, 403 without the
     scope). Default: no key, so those routes refuse everyone (closed by default); the read routes stay open."""
-    ring = keys if callable(keys) else (lambda: keys) if keys is not None else (lambda: _NO_KEYS)
+    fixed = keys if isinstance(keys, KeyRing) else _NO_KEYS
+    ring: Callable[[], KeyRing] = keys if callable(keys) else (lambda: fixed)
     app = FastAPI(
         lifespan=lifespan,
         title="recserve",
