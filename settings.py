@@ -20,12 +20,14 @@ an entry point can call `configure_process()` before those libraries read their 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.errors import ConfigError
@@ -199,6 +201,124 @@ class ThreadSettings(_Section):
     )
 
 
+# An API key's scopes. `admin` implies every other scope.
+SCOPES = ("events:write", "admin")
+KEY_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+KEYS_FILE = PROJECT_ROOT / ".recserve" / "api-keys"  # git-ignored; `recserve keys create` appends to it
+KEY_LINE_HELP = "write `<name> <sha256 hex of the key> <scope>[,<scope>]` (scopes: events:write, admin)"
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    """One configured API key: its name (for people and logs), the sha256 digest of the key (32 bytes; the key
+    itself is never stored) and its scopes. `source` says where it was read, e.g. `RECSERVE_API_KEYS entry 2`."""
+
+    name: str
+    digest: bytes
+    scopes: frozenset[str]
+    source: str
+
+    def allows(self, scope: str) -> bool:
+        return scope in self.scopes or "admin" in self.scopes
+
+
+def parse_keys(lines: list[str], where: str, unit: str = "line") -> tuple[KeyEntry, ...]:
+    """Key entries, one per item of `lines` (blank ones and `#` comments skipped). `where` and `unit` name the
+    source in errors (`<file> line 3`, `RECSERVE_API_KEYS entry 2`). Raises ConfigError naming the entry and the
+    fix for a malformed entry or a name given twice."""
+    out: list[KeyEntry] = []
+    for number, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        here = f"{where} {unit} {number}"
+        parts = line.split()
+        if len(parts) != 3:
+            raise ConfigError(f"{here}: {len(parts)} words, not 3: {KEY_LINE_HELP}")
+        name, digest, scopes = parts
+        if not re.match(KEY_NAME, name):
+            raise ConfigError(f"{here}: name {name!r} must match {KEY_NAME}: {KEY_LINE_HELP}")
+        if not _DIGEST.match(digest.lower()):
+            raise ConfigError(
+                f"{here}: key {name!r} has no sha256 digest (64 hex digits) but {len(digest)} characters: write "
+                "the digest, never the key itself (`recserve keys create` writes the line for you)"
+            )
+        given = {s for s in scopes.split(",") if s}
+        unknown = sorted(given - set(SCOPES))
+        if unknown or not given:
+            raise ConfigError(f"{here}: key {name!r} has unknown scope(s) {unknown or scopes!r}: {KEY_LINE_HELP}")
+        if any(k.name == name for k in out):
+            raise ConfigError(f"{here}: key name {name!r} is given twice: give each key a name of its own")
+        out.append(KeyEntry(name, bytes.fromhex(digest), frozenset(given), here))
+    return tuple(out)
+
+
+class AuthSettings(_Section):
+    """The API keys that guard the service's write and admin routes, as sha256 digests (never the keys), and the
+    key this process sends as a client. With no key configured, the guarded routes refuse every request."""
+
+    section: ClassVar[str] = "auth"
+
+    api_keys: str | None = Field(
+        None,
+        description="inline key entries, `;`-separated: `<name> <sha256 hex of the key> <scope>[,<scope>]`",
+    )
+    api_keys_file: Path = Field(
+        KEYS_FILE,
+        description="a file of key entries, one a line (e.g. a mounted Kubernetes Secret); read at start and again "
+        "when it changes; a missing file holds no keys",
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        validation_alias="RECSERVE_API_KEY",
+        description="the key this process sends as a client: `recserve rollout`, the load tests",
+    )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _entries(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_keys(value.split(";"), "RECSERVE_API_KEYS", "entry")
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _from_root(cls, value: Path) -> Path:
+        return PROJECT_ROOT / value  # an absolute value stays what it is
+
+    def inline_keys(self) -> tuple[KeyEntry, ...]:
+        return parse_keys(self.api_keys.split(";"), "RECSERVE_API_KEYS", "entry") if self.api_keys else ()
+
+    def file_keys(self) -> tuple[KeyEntry, ...]:
+        """The file's entries; none when it does not exist. Raises ConfigError for a malformed line or an
+        unreadable file."""
+        try:
+            text = self.api_keys_file.read_text()
+        except FileNotFoundError:
+            return ()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"{self.api_keys_file}: cannot read the API keys file ({exc}): fix its permissions"
+            ) from None
+        return parse_keys(text.splitlines(), str(self.api_keys_file))
+
+    def keys(self) -> tuple[KeyEntry, ...]:
+        """Every configured key: the inline ones, then the file's. Raises ConfigError naming a bad entry, or a
+        name both give."""
+        inline, filed = self.inline_keys(), self.file_keys()
+        names = {k.name for k in inline}
+        for k in filed:
+            if k.name in names:
+                raise ConfigError(
+                    f"{k.source}: key name {k.name!r} is also in RECSERVE_API_KEYS: give each key a name of its own"
+                )
+        return inline + filed
+
+
 class Settings(_Section):
     """All of a process's settings: the project's folders, then one section per concern. `Settings()` reads the
     environment; a bad value raises ConfigError naming its variable."""
@@ -219,6 +339,7 @@ class Settings(_Section):
     store: StoreSettings = Field(default_factory=StoreSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
     threads: ThreadSettings = Field(default_factory=ThreadSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
 
     @field_validator("artifacts")
     @classmethod
@@ -244,6 +365,7 @@ def env_names() -> dict[str, str]:
         ("store.", StoreSettings),
         ("serve.", ServeSettings),
         ("threads.", ThreadSettings),
+        ("auth.", AuthSettings),
     ):
         for field, info in cls.model_fields.items():
             if not (isinstance(info.annotation, type) and issubclass(info.annotation, _Section)):

@@ -1,5 +1,6 @@
 """recserve's locust suite: realistic traffic at a fixed rate, with a p99 SLO gate.
 
+    RECSERVE_API_KEY=<a key with scope events:write> \
     locust -f loadtests/locustfile.py --headless --host http://127.0.0.1:8000 -u 20 -r 20 --run-time 60s \
         --rate-per-user 1 --p99-ms 100 --csv reports/colocated --html reports/colocated.html
 
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtests import arrivals
 from loadtests import traffic as traffic_data
+from settings import AuthSettings
 
 EVENT_MIX = (("view", 0.7), ("add_to_cart", 0.2), ("purchase", 0.1))
 # A send more than this after its due time was held back by the user's previous request (s).
@@ -46,6 +48,7 @@ state: dict[str, Any] = {
     "late": 0,
     "answered_ms": [],
     "in_flight": [],
+    "auth": {},  # the Authorization header POST /events carries
 }
 
 
@@ -73,6 +76,11 @@ def _options(parser: Any) -> None:
 def _load(environment: Any, **_: Any) -> None:
     bundle = Path(environment.parsed_options.bundle) if environment.parsed_options.bundle else None
     state["traffic"] = traffic_data.load(bundle)
+    key = AuthSettings().api_key  # RECSERVE_API_KEY: the harness (loadtests/systems.py) sets the run's key
+    if key is None:
+        print("locust: RECSERVE_API_KEY is unset, so POST /events will be refused (401)", file=sys.stderr, flush=True)
+    else:
+        state["auth"] = {"Authorization": f"Bearer {key.get_secret_value()}"}
     # The load blocks gevent's loop for seconds, and libev's clock is only read once a loop turn: without this,
     # locust's --run-time timer, armed next, counts from the stale time and ends the run that much early (a 30 s
     # step ran 23 s here, and 13 s on a busy machine).
@@ -150,7 +158,7 @@ class Shopper(FastHttpUser):
         user, shown = self.rng.choice(state["in_flight"])
         kind = self.rng.choices([k for k, _ in EVENT_MIX], [w for _, w in EVENT_MIX])[0]
         event = {"user_id": user, "item_id": self.rng.choice(shown), "event_type": kind}
-        self._call("POST", "/events", "/events", 202, json={"events": [event]})
+        self._call("POST", "/events", "/events", 202, json={"events": [event]}, headers=state["auth"])
 
     @task(5)
     def similar(self) -> None:

@@ -5,10 +5,11 @@ only at a switch, and a replica's memory grows by at most one bundle.
     python loadtests/rollout_drill.py --bundle-b artifacts/<other> [--url http://127.0.0.1:8000] [--rate 100]
                                       [--switches 10] [--out reports/rollout-drill]
 
-Needs a running `recserve serve` (colocated) and both bundles materialized (`recserve features materialize
---bundle DIR`). The first bundle is the champion the service serves when the drill starts. Switches go through the
-same path as `recserve rollout` (Serve's config API; no replica restarts). Load: Poisson arrivals at twice the base
-rate for 2 s in every 10 (loadtests/arrivals.py), /recommend for the bundle's holdout users with 10% new ones.
+Needs a running `recserve serve` (colocated), both bundles materialized (`recserve features materialize
+--bundle DIR`), and an admin key in RECSERVE_API_KEY (checked against the service's GET /admin/rollout first).
+The first bundle is the champion the service serves when the drill starts. Switches go through the same path as
+`recserve rollout` (Serve's config API; no replica restarts). Load: Poisson arrivals at twice the base rate for 2 s
+in every 10 (loadtests/arrivals.py), /recommend for the bundle's holdout users with 10% new ones.
 
 Memory: the Ingress replicas' RSS (found in Ray's actor table), sampled every 0.5 s. "One bundle" is measured
 first: RSS with both bundles loaded (a 50/50 rollout) minus RSS with one.
@@ -36,7 +37,7 @@ from chain.rollout import ArmSpec, RolloutSpec
 from loadtests import arrivals
 from loadtests.traffic import load
 from pipeline.commands import rollout
-from settings import ServeSettings
+from settings import AuthSettings, ServeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,6 +164,9 @@ def main() -> int:
     args = p.parse_args()
     base = args.url.rstrip("/")
     settings = ServeSettings()
+    key = AuthSettings().api_key
+    # The drill changes the rollout as `recserve rollout` does: only for a caller the service takes as an admin.
+    rollout.require_admin(base, key.get_secret_value() if key is not None else None)
     a = (
         str(args.bundle_a.resolve())
         if args.bundle_a

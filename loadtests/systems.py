@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loadtests.floor import Pool, ingress_replicas, running_pool
+from pipeline.commands.keys import generate
 from pipeline.commands.serve import port_open
 from settings import PROJECT_ROOT, ServeSettings, process_env
 
@@ -26,6 +27,14 @@ ROOT = PROJECT_ROOT
 BIN = Path(sys.executable).parent
 SERVE_PORT = 8000  # the configs' http_options.port: Serve's HAProxy (or proxy) holds it until the system is down
 FLOOR = Pool(workers=ingress_replicas())
+# This run's API key, made per process and never written to disk: every system started here accepts it
+# (RECSERVE_API_KEYS, beside any keys file the machine has), and locust sends it on POST /events (RECSERVE_API_KEY).
+RUN_KEY, RUN_KEY_ENTRY = generate("loadtest", ("events:write",))
+
+
+def key_env() -> dict[str, str]:
+    """The environment that gives a server the run's key (RECSERVE_API_KEYS) and a client the key itself."""
+    return {"RECSERVE_API_KEYS": RUN_KEY_ENTRY, "RECSERVE_API_KEY": RUN_KEY}
 
 
 @dataclass(frozen=True)
@@ -76,7 +85,7 @@ def running(system: System, log_path: Path, timeout_s: float = 300) -> Iterator[
     taken = [port for port in system.ports if port_open(port)]
     if taken:
         raise RuntimeError(f"port(s) {taken} are taken: stop the recserve, Ray or floor that holds them")
-    env = {**os.environ, **process_env(), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **process_env(), **key_env(), "PYTHONUNBUFFERED": "1"}
     if not system.ray:
         try:
             with running_pool(FLOOR, log_path, env, timeout_s) as url:
@@ -194,7 +203,9 @@ def locust_step(
     ]
     before = os.times()
     began = time.monotonic()
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=seconds + 120)
+    out = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=seconds + 120, env={**os.environ, **key_env()}
+    )
     wall = time.monotonic() - began
     after = os.times()
     found = SUMMARY.search(out.stdout + out.stderr)

@@ -120,3 +120,22 @@ class OverloadedError(RequestError):
     """The replica is at its in-flight limit; the caller may retry after a second."""
 
     retryable = True
+
+
+class UnauthorizedError(RequestError):
+    """No API key, or one that matches no configured key (or none is configured): the caller must authenticate.
+    Sent with `WWW-Authenticate: Bearer`."""
+
+    def __init__(self, message: str, invalid: bool = False) -> None:
+        # RFC 6750 section 3: `error="invalid_token"` when a key was sent but is not one of ours.
+        challenge = 'Bearer realm="recserve"' + (', error="invalid_token"' if invalid else "")
+        super().__init__(message, "Authorization", {"WWW-Authenticate": challenge})
+
+
+class ForbiddenError(RequestError):
+    """A valid API key without the scope the route needs; `scope` names it."""
+
+    def __init__(self, message: str, scope: str) -> None:
+        self.scope = scope
+        challenge = f'Bearer realm="recserve", error="insufficient_scope", scope="{scope}"'
+        super().__init__(message, "Authorization", {"WWW-Authenticate": challenge})

@@ -11,7 +11,9 @@ import pytest
 
 from models.errors import ConfigError
 from settings import (
+    KEYS_FILE,
     PROJECT_ROOT,
+    AuthSettings,
     ServeSettings,
     Settings,
     StoreSettings,
@@ -39,6 +41,8 @@ def test_defaults(clean_env):
     assert s.store.event_log_dir == PROJECT_ROOT / "feature_repo" / "data" / "event_log" / "recserve"
     assert (s.serve.ray_port, s.serve.metrics_port) == (6380, 8080)
     assert (s.threads.torch, s.threads.blas) == (1, 1)
+    assert (s.auth.api_keys, s.auth.api_keys_file, s.auth.api_key) == (None, KEYS_FILE, None)
+    assert KEYS_FILE == PROJECT_ROOT / ".recserve" / "api-keys"
 
 
 @pytest.mark.parametrize(
@@ -58,6 +62,8 @@ def test_defaults(clean_env):
         ("RECSERVE_COMPILE_CACHE", "/tmp/cc", lambda s: str(s.compile_cache)),
         ("RECSERVE_ARTIFACTS", "/tmp/arts", lambda s: str(s.artifacts)),
         ("RECSERVE_BUNDLE", "/tmp/arts/v1", lambda s: str(s.feast_bundle)),
+        ("RECSERVE_API_KEYS", "ci " + "ab" * 32 + " events:write", lambda s: s.auth.api_keys),
+        ("RECSERVE_API_KEYS_FILE", "/run/secrets/recserve-keys", lambda s: str(s.auth.api_keys_file)),
     ],
 )
 def test_each_variable_sets_its_setting(clean_env, variable, value, read):
@@ -162,3 +168,50 @@ def test_configure_process_sets_the_environment_before_numpy_loads(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[:2] == ["1", "1"]
     assert "[1]" in out.stdout or "[]" in out.stdout  # [] where numpy links no OpenBLAS
+
+
+DIGEST = "0123456789abcdef" * 4
+
+
+def test_api_keys_come_from_the_environment_and_a_file(clean_env, tmp_path):
+    path = tmp_path / "keys"
+    path.write_text(f"# rotated 2026-11\n\nci-old {DIGEST} events:write\nops {DIGEST.upper()} admin,events:write\n")
+    clean_env.setenv("RECSERVE_API_KEYS", f"bench {'f' * 64} events:write; ;drill {'e' * 64} admin")
+    clean_env.setenv("RECSERVE_API_KEYS_FILE", str(path))
+    clean_env.setenv("RECSERVE_API_KEY", "the-client-key")
+    auth = Settings().auth
+    keys = auth.keys()
+    assert [(k.name, k.source) for k in keys] == [
+        ("bench", "RECSERVE_API_KEYS entry 1"),
+        ("drill", "RECSERVE_API_KEYS entry 3"),
+        ("ci-old", f"{path} line 3"),
+        ("ops", f"{path} line 4"),
+    ]
+    assert keys[2].digest == bytes.fromhex(DIGEST) and keys[3].scopes == {"admin", "events:write"}
+    assert keys[3].allows("events:write") and keys[1].allows("events:write") and not keys[0].allows("admin")
+    assert auth.api_key.get_secret_value() == "the-client-key" and "the-client-key" not in repr(auth)
+    assert AuthSettings(api_keys_file=tmp_path / "missing").file_keys() == ()  # no file: no keys from it
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (f"ci {DIGEST}", "line 2: 2 words, not 3: write `<name> <sha256 hex of the key> <scope>"),
+        (f"ci {DIGEST} events:read", "line 2: key 'ci' has unknown scope(s) ['events:read']"),
+        ("ci my-secret-key events:write", "line 2: key 'ci' has no sha256 digest (64 hex digits) but 13 characters"),
+        (f"c/i {DIGEST} admin", "line 2: name 'c/i' must match"),
+        (f"ok {DIGEST} admin", "line 2: key name 'ok' is given twice: give each key a name of its own"),
+    ],
+)
+def test_a_bad_key_line_names_the_file_line_and_the_fix(clean_env, tmp_path, line, message):
+    path = tmp_path / "keys"
+    path.write_text(f"ok {DIGEST} admin\n{line}\n")
+    with pytest.raises(ConfigError) as caught:
+        AuthSettings(api_keys_file=path).keys()
+    assert str(caught.value).startswith(f"{path} {message}")
+
+
+def test_a_bad_inline_key_entry_names_the_variable(clean_env):
+    clean_env.setenv("RECSERVE_API_KEYS", f"ci {DIGEST} events:write;ops {DIGEST}")
+    with pytest.raises(ConfigError, match=r"RECSERVE_API_KEYS entry 2: 2 words, not 3"):
+        Settings()

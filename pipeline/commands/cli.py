@@ -199,14 +199,20 @@ def cmd_rollout(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.commands import rollout
 
     base = args.url.rstrip("/")
-    if args.rollout_command == "start":
-        if (args.canary is not None and args.ab is not None) or (args.canary, args.ab, args.shadow) == (None,) * 3:
-            from models.errors import ConfigError
+    if args.rollout_command == "start" and (
+        (args.canary is not None and args.ab is not None) or (args.canary, args.ab, args.shadow) == (None,) * 3
+    ):
+        from models.errors import ConfigError
 
-            raise ConfigError(
-                "give one of --canary PCT or --ab PCT (the share of users the new bundle serves), and/or --shadow "
-                "PCT (the share of requests it answers too, unseen)"
-            )
+        raise ConfigError(
+            "give one of --canary PCT or --ab PCT (the share of users the new bundle serves), and/or --shadow PCT "
+            "(the share of requests it answers too, unseen)"
+        )
+    given = settings.auth.api_key
+    key = args.key or (given.get_secret_value() if given is not None else None)
+    # Serve's config API (a Ray driver) cannot check our keys: the service's admin route must accept this key first.
+    rollout.require_admin(base, key)
+    if args.rollout_command == "start":
         spec = rollout.start(
             args.bundle, args.canary, args.ab, args.salt, args.tolerance, base, settings.serve, shadow=args.shadow
         )
@@ -218,6 +224,22 @@ def cmd_rollout(args: argparse.Namespace, settings: Settings) -> int:
         print(rollout.status(base, settings.serve))
         return 0
     print(f"serving: {', '.join(f'{a.name} {a.weight:g}% ({a.bundle})' for a in spec.arms)} (salt {spec.salt!r})")
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.commands.keys import create
+
+    path = args.file or settings.auth.api_keys_file
+    scopes = tuple(s.strip() for s in args.scope.split(",") if s.strip())
+    key = create(args.name, scopes, path)
+    print(
+        f"created API key {args.name!r} (scope {','.join(scopes)}); its sha256 digest is in {path}.\n"
+        "The key is shown this once; store it now (a running service reads the file again within a second):\n\n"
+        f"{key}\n\n"
+        'use:  KEY=<the key above>; curl -H "Authorization: Bearer $KEY" ...   (recserve rollout: --key or '
+        "RECSERVE_API_KEY)"
+    )
     return 0
 
 
@@ -352,7 +374,34 @@ def build_parser() -> argparse.ArgumentParser:
         rsub.add_parser(name, help=text, description=text)
     for p in rsub.choices.values():
         p.add_argument("--url", default="http://127.0.0.1:8000", help="the service's URL (default: %(default)s)")
+        p.add_argument(
+            "--key",
+            help="an API key with scope admin (default: RECSERVE_API_KEY); checked against the service's "
+            "GET /admin/rollout before anything changes",
+        )
     ro.set_defaults(func=cmd_rollout)
+
+    keys = sub.add_parser(
+        "keys",
+        help="API keys for POST /events (events:write) and the admin routes (admin)",
+        description="The service holds sha256 digests of its API keys, from RECSERVE_API_KEYS and the keys file "
+        "(RECSERVE_API_KEYS_FILE, default .recserve/api-keys in the project). Clients send Authorization: Bearer "
+        "<key>.",
+    )
+    ksub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    create = ksub.add_parser(
+        "create",
+        help="make a key, print it once, append its digest to the keys file",
+        description="Make a random key (256 bits), print it once, and append `<name> <sha256> <scopes>` to the keys "
+        "file (created readable by its owner only). Two keys can be valid at once: to rotate, create the new one, "
+        "move the clients, delete the old line.",
+    )
+    create.add_argument("--name", required=True, help="the key's name, e.g. ci-events (unique in the file)")
+    create.add_argument(
+        "--scope", required=True, help="events:write, admin, or both comma-separated (admin implies every scope)"
+    )
+    create.add_argument("--file", type=Path, help="the keys file (default: RECSERVE_API_KEYS_FILE)")
+    create.set_defaults(func=cmd_keys_create)
     return parser
 
 

@@ -5,6 +5,10 @@ Each command reads the application's deployed config from Serve's controller, ch
 the dashboard's REST API call). A user_config change is a lightweight update in Serve: no replica restarts; each
 replica loads the new bundles in the background, warms them and swaps (see chain/rollout.Rollout).
 
+Serve's config API is guarded by access to the Ray cluster, not by the service's API keys; so each command first
+asks the service's GET /admin/rollout with the caller's admin key (`--key` or RECSERVE_API_KEY) and stops, changing
+nothing, unless the service accepts it.
+
 `start` refuses a bundle that fails verification, is not materialized in the application's feature store, or
 whose offline NDCG@10 on the same split is below the champion's by more than the tolerance.
 """
@@ -85,6 +89,30 @@ def _driver(settings: ServeSettings, rollout: RolloutSpec | None, app: str = APP
     if "error" in config:
         raise RecserveError(f"{config['error']}: start it with `recserve serve`")
     return config
+
+
+def require_admin(base: str, key: str | None) -> dict[str, Any]:
+    """GET {base}/admin/rollout with `key` as the bearer key: the running rollout when the service accepts it as an
+    admin key. Raises ConfigError (no key, or the service refuses it: 401 or 403, with the service's reason) or
+    RecserveError (the service does not answer)."""
+    if not key:
+        raise ConfigError(
+            "recserve rollout needs an API key with scope admin: pass --key KEY or set RECSERVE_API_KEY (create one "
+            "with `recserve keys create --name NAME --scope admin`)"
+        )
+    code, body = http_get(f"{base}/admin/rollout", 10.0, {"Authorization": f"Bearer {key}"})
+    try:
+        detail = json.loads(body) if body.startswith("{") else {}
+    except json.JSONDecodeError:
+        detail = {}
+    if code in (401, 403):
+        raise ConfigError(f"{base}/admin/rollout refused the key ({code}): {detail.get('error', body[:200])}")
+    if code != 200:
+        raise RecserveError(
+            f"{base}/admin/rollout answered {code or 'nothing'} {detail.get('error', body[:200])}: is the service "
+            f"up at {base}? (start it with `recserve serve`, or pass --url)"
+        )
+    return detail
 
 
 def _ingress_user_config(config: dict[str, Any]) -> dict[str, Any]:

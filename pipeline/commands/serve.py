@@ -134,9 +134,10 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
+def http_get(url: str, timeout: float = 2.0, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    """(status, body) of a GET; (0, "") when nothing answers."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
@@ -310,6 +311,7 @@ def serve(
         stats = ports.haproxy_stats_port if tuned else None
         ready = _wait_ready(proc, config, base, timeout_s, began, stopping, stats, address, env)
         if ready is not None:
+            print(keys_hint(settings, base), flush=True)
             detail = json.loads(ready) if ready.startswith("{") else {}
             front = f"HAProxy over {ingress_replicas_up(ports.haproxy_stats_port)} ingress replicas" if tuned else ""
             print(
@@ -335,6 +337,26 @@ def serve(
             head.stop()
         print("recserve stopped", flush=True)
     return 0
+
+
+def keys_hint(settings: Settings, base: str) -> str:
+    """What `recserve serve` says of its API keys at start: how many, or how to create the first one."""
+    try:
+        keys = settings.auth.keys()
+    except ConfigError as exc:  # the replicas refuse to start on this too; say it here as well
+        return f"API keys: {exc}"
+    events = (
+        f"curl -s -X POST {base}/events -H \"Authorization: Bearer $KEY\" -H 'Content-Type: application/json' "
+        '-d \'{"events": [{"user_id": "12347", "item_id": "85123A", "event_type": "view"}]}\''
+    )
+    if keys:
+        return f"API keys: {', '.join(k.name for k in keys)}; events:  {events}"
+    return (
+        "API keys: none configured, so POST /events and /admin/* answer 401. Create one (it is printed once, and "
+        "the service picks it up within a second):\n"
+        f"      recserve keys create --name demo --scope events:write,admin   (writes {settings.auth.api_keys_file})\n"
+        f"then: KEY=<the key>; {events}"
+    )
 
 
 def _wait_ready(

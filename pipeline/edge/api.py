@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
@@ -37,6 +37,7 @@ from models.errors import (
     BodyTooLargeError,
     ConfigError,
     FeatureStoreError,
+    ForbiddenError,
     IntegerTooLongError,
     InvalidEventError,
     InvalidRequestError,
@@ -48,9 +49,11 @@ from models.errors import (
     RecserveError,
     RouteNotFoundError,
     StoreUnavailableError,
+    UnauthorizedError,
     UnsupportedMediaTypeError,
     WriteConflictError,
 )
+from pipeline.edge.auth import SCHEME, Guard, KeyRing, Requires, RequiresWithHeader
 from pipeline.edge.schemas import (
     NON_BLANK,
     ErrorBody,
@@ -59,6 +62,7 @@ from pipeline.edge.schemas import (
     ItemOut,
     RecommendRequest,
     RecommendResponse,
+    RolloutStatus,
     SimilarResponse,
 )
 from pipeline.featurestore.eventlog import EventLog
@@ -77,6 +81,8 @@ M = TypeVar("M", bound=BaseModel)
 ERROR_STATUS: dict[type[RecserveError], int] = {
     MalformedBodyError: 400,
     ConfigError: 400,
+    UnauthorizedError: 401,
+    ForbiddenError: 403,
     RouteNotFoundError: 404,
     ItemNotFoundError: 404,
     MethodNotAllowedError: 405,
@@ -92,11 +98,16 @@ ERROR_STATUS: dict[type[RecserveError], int] = {
     NotMaterializedError: 503,
     FeatureStoreError: 503,
 }
-ROUTES = {"/recommend", "/events", "/healthz", "/readyz", "/docs", "/openapi.json"}
+ROUTES = {"/recommend", "/events", "/healthz", "/readyz", "/docs", "/openapi.json", "/admin/rollout"}
 # Routes that do model or store work; only these count towards, and are shed at, the in-flight limit.
 WORK_ROUTES = {"/recommend", "/events", "/items/similar"}
 # Content-Encoding a client may send; the edge decodes it before anything reads the body.
 DECODED = {"gzip", "x-gzip"}
+# The header that forces a /recommend onto a rollout arm by name (testing an arm); it needs an admin key.
+ARM_HEADER = "X-Recserve-Arm"
+
+
+_NO_KEYS = KeyRing.none()
 
 
 def status_for(exc: RecserveError) -> int:
@@ -155,10 +166,34 @@ class Api:
         """The champion's chain: it answers everything that is not assigned to an arm (similar items, readiness)."""
         return self.rollout.champion
 
-    async def recommend(self, body: RecommendRequest) -> Recommendation:
+    async def recommend(self, body: RecommendRequest, forced: str | None = None) -> Recommendation:
+        """The user's arm answers, or the arm named `forced`; raises ConfigError naming an arm not in the rollout."""
         return await self.rollout.recommend(
-            ChainQuery(user_id=body.user_id, k=body.k, exclude=tuple(body.exclude), query=body.query)
+            ChainQuery(user_id=body.user_id, k=body.k, exclude=tuple(body.exclude), query=body.query), forced
         )
+
+    def rollout_status(self) -> dict[str, Any]:
+        """The running rollout: `rollout` (serving, switching, or failed: <why>), `arms` (per arm served: role,
+        weight as configured, share of users now (0 once the canary guard rolled it back, with `rolled_back`: why),
+        model_version, bundle), and the `serving` and `target` specs (RolloutSpec). /readyz shows `rollout` and
+        `arms`; GET /admin/rollout shows all."""
+        state, arms = self.rollout.state, self.rollout.arms
+        return {
+            "rollout": "switching" if not state.done else ("failed: " + state.error if state.error else "serving"),
+            "arms": {
+                a.name: {
+                    "role": a.role,
+                    "weight": a.weight,
+                    "share": arms.weight(a) if a.role != "shadow" else a.weight,
+                    "model_version": self._version(a.key),
+                    "bundle": a.bundle,
+                    **({"rolled_back": arms.rolled_back[a.name]} if a.name in arms.rolled_back else {}),
+                }
+                for a in state.serving.arms
+            },
+            "serving": state.serving,
+            "target": state.target,
+        }
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """The Ingress's user_config: the knobs, and an optional `rollout` (RolloutSpec) of arms to switch to.
@@ -205,22 +240,12 @@ class Api:
 
     async def ready(self) -> tuple[bool, dict[str, Any]]:
         await self.start()
-        state, arms = self.rollout.state, self.rollout.arms
+        rollout = self.rollout_status()
         detail: dict[str, Any] = {
             "models": "loaded",
             "model_version": self.chain.core.version,
-            "arms": {
-                a.name: {
-                    "role": a.role,
-                    "weight": a.weight,
-                    "share": arms.weight(a) if a.role != "shadow" else a.weight,
-                    "model_version": self._version(a.key),
-                    "bundle": a.bundle,
-                    **({"rolled_back": arms.rolled_back[a.name]} if a.name in arms.rolled_back else {}),
-                }
-                for a in state.serving.arms
-            },
-            "rollout": "switching" if not state.done else ("failed: " + state.error if state.error else "serving"),
+            "arms": rollout["arms"],
+            "rollout": rollout["rollout"],
         }
         if self.watch is not None:
             status = self.watch.status
@@ -385,8 +410,13 @@ class _JsonRoute(APIRoute):
         handler = super().get_route_handler()
         if self.body_field is None:
             return handler
+        # A route's key check comes before its body is read: a caller without the key learns nothing of the body's
+        # rules (FastAPI would parse the body first). The dependency checks again; a digest costs microseconds.
+        guards = [d.call for d in self.dependant.dependencies if isinstance(d.call, Guard)]
 
         async def read_first(request: Request) -> Response:
+            for guard in guards:
+                guard.check(request)
             request = _JsonRequest(request.scope, request.receive)
             if await request.body():
                 kind = request.headers.get("content-type", "")
@@ -591,11 +621,18 @@ def build_api(
     set_request_id: bool = True,
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
     body_timeout_s: float | Callable[[], float] = 5.0,
+    keys: KeyRing | Callable[[], KeyRing] | None = None,
 ) -> FastAPI:
     """`max_body_bytes` bounds a body as sent and as decoded (413); `body_timeout_s` is the read deadline for a
     body, from its headers (408). Either may be a getter, read per request (a Serve ingress learns its args only
     once its replica starts). `set_request_id=False` behind Ray Serve: its middleware sets X-Request-ID on every
-    response, and the app answers with the same value (pipeline/serve/request_id.py)."""
+    response, and the app answers with the same value (pipeline/serve/request_id.py).
+
+    `keys` (a KeyRing, or a getter of one) are the API keys the guarded routes accept: POST /events needs scope
+    events:write, GET /admin/* and the X-Recserve-Arm header need admin (401 without a valid key, 403 without the
+    scope). Default: no key, so those routes refuse everyone (closed by default); the read routes stay open."""
+    fixed = keys if isinstance(keys, KeyRing) else _NO_KEYS
+    ring: Callable[[], KeyRing] = keys if callable(keys) else (lambda: fixed)
     app = FastAPI(
         lifespan=lifespan,
         title="recserve",
@@ -608,6 +645,11 @@ def build_api(
     # Every status the edge or a route can answer besides 2xx, each in the one shape.
     errors: dict[int | str, dict[str, Any]] = {
         code: {"model": ErrorBody} for code in (400, 404, 405, 408, 413, 415, 422, 500, 503)
+    }
+    # ... and on the guarded routes, a missing or unknown key (401) and a key without the scope (403).
+    guarded = errors | {
+        401: {"model": ErrorBody, "description": "no API key, or not one of this service's (WWW-Authenticate)"},
+        403: {"model": ErrorBody, "description": "the API key lacks the scope this route needs"},
     }
 
     def rid(request: Request) -> str:
@@ -644,9 +686,23 @@ def build_api(
             )
         return _error(rid(request), exc.status_code, f"{exc.detail}: see /docs", headers=exc.headers)
 
-    @app.post("/recommend", response_model=RecommendResponse, responses=errors)
-    async def recommend(body: RecommendRequest, request: Request) -> RecommendResponse:
-        r = await get().recommend(body)
+    # Not a declared header parameter: a fuzzer would send arm names the running rollout does not have (400) on
+    # a route that must otherwise always answer 2xx. Its key is optional, hence the `{}` requirement.
+    forced_arm = RequiresWithHeader(ring, "admin", ARM_HEADER)
+
+    @app.post(
+        "/recommend",
+        response_model=RecommendResponse,
+        responses=guarded,
+        description=f"Open to every caller. With the header `{ARM_HEADER}: <arm name>` (testing an arm), the "
+        "answer comes from that arm of the running rollout, and the request needs an admin key "
+        "(401 without a valid key, 403 without the scope, 400 for an arm the rollout does not have).",
+        openapi_extra={"security": [{}, {SCHEME: []}]},
+    )
+    async def recommend(
+        body: RecommendRequest, request: Request, forced: str | None = Depends(forced_arm)
+    ) -> RecommendResponse:
+        r = await get().recommend(body, forced=forced)
         return RecommendResponse(
             request_id=rid(request),
             user_id=r.user_id,
@@ -658,9 +714,28 @@ def build_api(
             timings_ms=r.timings_ms,
         )
 
-    @app.post("/events", status_code=202, response_model=EventsAccepted, responses=errors)
+    @app.post(
+        "/events",
+        status_code=202,
+        response_model=EventsAccepted,
+        responses=guarded,
+        dependencies=[Security(Requires(ring, "events:write"))],
+        description="Needs an API key with scope events:write: `Authorization: Bearer <key>`.",
+    )
     async def events(body: EventsRequest, request: Request) -> EventsAccepted:
         return EventsAccepted(request_id=rid(request), accepted=get().events(body.events))
+
+    @app.get(
+        "/admin/rollout",
+        response_model=RolloutStatus,
+        responses=guarded,
+        dependencies=[Security(Requires(ring, "admin"))],
+        description="The running rollout (what /readyz shows under `arms` and `rollout`, plus the serving and "
+        "target specs). Needs an admin key; `recserve rollout` asks it before changing anything.",
+    )
+    async def admin_rollout(request: Request) -> RolloutStatus:
+        api = get()
+        return RolloutStatus(request_id=rid(request), model_version=api.chain.core.version, **api.rollout_status())
 
     @app.get("/items/{item_id}/similar", response_model=SimilarResponse, responses=errors)
     async def similar(item_id: str, request: Request, k: int = Query(10, ge=1, le=100)) -> Any:

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, field_validator
 
+from chain.rollout import Role, RolloutSpec
 from models.data import normalize_item_id, normalize_user_id
 from models.realtime import EventType
 
@@ -124,6 +125,24 @@ class SimilarResponse(BaseModel):
     item_id: str = Field(description="the item asked about, normalized (trimmed, upper-case)")
     model_version: str
     items: list[ItemOut]
+
+
+class ArmOut(BaseModel):
+    role: Role
+    weight: float = Field(description="percent of users assigned to this arm")
+    model_version: str = Field(description="the arm's bundle version; `loading` while a switch loads it")
+    bundle: str
+
+
+class RolloutStatus(BaseModel):
+    """GET /admin/rollout: the running rollout of the replica that answered."""
+
+    request_id: str
+    model_version: str = Field(description="the champion's bundle version")
+    rollout: str = Field(description="serving, switching, or `failed: <why>` (the old arms kept serving)")
+    arms: dict[str, ArmOut] = Field(description="the arms served now, by name (as /readyz shows them)")
+    serving: RolloutSpec = Field(description="the spec answering now")
+    target: RolloutSpec = Field(description="the spec asked for; differs from `serving` while switching")
 
 
 class ErrorBody(BaseModel):

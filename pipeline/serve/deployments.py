@@ -29,6 +29,7 @@ from models.cf import ALSModel
 from models.content import ContentModel as ContentModelClass
 from models.content import pick_device
 from pipeline.edge.api import Api, build_api
+from pipeline.edge.auth import KeyRing
 from pipeline.serve.args import AppArgs
 from pipeline.serve.local import freeze_heap, make_api
 from pipeline.serve.metrics import RayRecorder
@@ -164,6 +165,8 @@ class _Current:
     # The app's edge limits from the replica's args (AppArgs), read per request; defaults until the replica starts.
     max_body_bytes: int = 1_000_000
     body_timeout_s: float = 5.0
+    # The replica's API keys (RECSERVE_API_KEYS, RECSERVE_API_KEYS_FILE); none until it starts: guarded routes refuse.
+    keys: KeyRing = KeyRing.none()
 
     @classmethod
     def get(cls) -> Api:
@@ -177,6 +180,7 @@ fastapi_app = build_api(
     set_request_id=False,
     max_body_bytes=lambda: _Current.max_body_bytes,
     body_timeout_s=lambda: _Current.body_timeout_s,
+    keys=lambda: _Current.keys,
 )
 
 
@@ -195,6 +199,7 @@ class Ingress:
         with low_priority():
             process = configure_process(torch=True)
             _Current.max_body_bytes, _Current.body_timeout_s = settings.max_body_bytes, settings.body_timeout_s
+            _Current.keys = KeyRing(process.auth)
             remote = None if cf is None or content is None or blend is None else RemoteStages(cf, content, blend)
             api = make_api(
                 settings, remote, lambda version: RayRecorder(version, settings.topology), process.compile_cache

@@ -32,6 +32,7 @@ from models.cf import ALSModel
 from models.content import ContentModel, pick_device
 from models.errors import ConfigError, RecserveError
 from pipeline.edge.api import Api, build_api
+from pipeline.edge.auth import KeyRing
 from pipeline.featurestore.eventlog import EventLog, rebuild_realtime
 from pipeline.featurestore.events import EventWriter
 from pipeline.featurestore.recovery import StoreWatch, bundle_materializer
@@ -186,6 +187,7 @@ def main() -> int:
 
     try:
         process = configure_process(torch=True)
+        keys = KeyRing(process.auth)  # a bad key entry stops the start, naming it
         settings = settings_from_config(args.config)
         rollout = rollout_from_config(args.config)
         api = make_api(
@@ -209,6 +211,7 @@ def main() -> int:
         max_body_bytes=settings.max_body_bytes,
         lifespan=lifespan,
         body_timeout_s=settings.body_timeout_s,
+        keys=keys,
     )
     freeze_heap()
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)

@@ -76,3 +76,37 @@ def test_bad_settings_file_names_the_field(tmp_path):
     unknown.write_text('{"cf": {"fators": 8}}')
     out = recserve("train", "--settings", str(unknown), "--out", str(tmp_path))
     assert out.returncode == 2 and "cf.fators" in out.stderr
+
+
+def test_keys_create_prints_the_key_once_and_appends_its_digest(tmp_path):
+    from pipeline.edge.auth import KeyRing
+    from settings import AuthSettings
+
+    path = tmp_path / "secrets" / "api-keys"
+    out = recserve(
+        "keys", "create", "--name", "ci", "--scope", "events:write", env={"RECSERVE_API_KEYS_FILE": str(path)}
+    )
+    assert out.returncode == 0, out.stderr
+    key = out.stdout.split("\n\n")[1].strip()
+    assert len(key) == 43 and out.stdout.count(key) == 1
+    assert key not in path.read_text()  # only its digest is stored
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    second = recserve("keys", "create", "--name", "ops", "--scope", "admin", "--file", str(path))
+    assert second.returncode == 0, second.stderr
+    ops = second.stdout.split("\n\n")[1].strip()
+    keyring = KeyRing(AuthSettings(api_keys_file=path))
+    assert keyring.authorize(f"Bearer {key}", "events:write", "test").name == "ci"
+    assert keyring.authorize(f"Bearer {ops}", "admin", "test").name == "ops"
+    again = recserve("keys", "create", "--name", "ci", "--scope", "admin", "--file", str(path))
+    assert again.returncode == 2 and "already has a key named 'ci': pick another name" in again.stderr
+    bad = recserve("keys", "create", "--name", "x", "--scope", "events:read", "--file", str(path))
+    assert bad.returncode == 2 and "--scope 'events:read': give one or more of events:write, admin" in bad.stderr
+    assert len(path.read_text().splitlines()) == 2
+
+
+def test_rollout_commands_need_an_admin_key_before_anything_else(tmp_path):
+    out = recserve("rollout", "status", "--url", "http://127.0.0.1:9", env={"RECSERVE_API_KEY": ""})
+    assert out.returncode == 2
+    assert "needs an API key with scope admin: pass --key KEY or set RECSERVE_API_KEY" in out.stderr
+    down = recserve("rollout", "rollback", "--url", "http://127.0.0.1:9", "--key", "k")
+    assert down.returncode == 2 and "/admin/rollout answered nothing" in down.stderr

@@ -16,6 +16,7 @@ from pipeline.edge.api import build_api
 from pipeline.serve.args import AppArgs
 from pipeline.serve.local import make_api
 from tests.conftest import recserve
+from tests.support.keys import keyed
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +44,9 @@ def requests_for(small_bundle: Path, online) -> list[dict]:
 def test_replay_answers_as_the_live_service(small_bundle, slice_online, store_settings, tmp_path):
     reqs = requests_for(small_bundle, slice_online)
     api = make_api(AppArgs(bundle=small_bundle, store=store_settings, watch_store=False))
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_api(lambda: api)), base_url="http://live")
+    keys, auth = keyed()
+    app = build_api(lambda: api, keys=keys)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://live", headers=auth)
 
     async def live() -> list[dict]:
         out = []

@@ -22,6 +22,7 @@ from pipeline.serve.args import AppArgs
 from pipeline.serve.local import make_api
 from pipeline.serve.request_id import REQUEST_ID, serve_middlewares
 from tests.pipeline.conftest import catalog
+from tests.support.keys import bearer, new_key, ring
 from tests.support.serve import serving
 
 pytestmark = pytest.mark.integration
@@ -35,16 +36,20 @@ def api(small_bundle, slice_online, store_settings) -> Api:
     return make_api(AppArgs(bundle=small_bundle, store=store_settings))
 
 
+# A key that may write events: the client below sends it on every request (the open routes ignore it).
+EVENTS_KEY, EVENTS_ENTRY = new_key("edge-tests", "events:write")
+
+
 @pytest.fixture(scope="module")
 def url(api) -> Iterator[str]:
     """The app as pipeline.serve.local serves it, every edge setting at its default (1 MB, 5 s)."""
-    with serving(build_api(lambda: api)) as base:
+    with serving(build_api(lambda: api, keys=ring(EVENTS_ENTRY))) as base:
         yield base
 
 
 @pytest.fixture(scope="module")
 def client(url) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=url, timeout=30) as c:
+    with httpx.Client(base_url=url, timeout=30, headers=bearer(EVENTS_KEY)) as c:
         yield c
 
 

@@ -2,7 +2,10 @@
 the slice bundle, Feast on the real Redis) from its own OpenAPI spec, over real HTTP (uvicorn on a loopback port).
 
 All of schemathesis's checks, every phase (examples, coverage, fuzzing, stateful), positive and negative data,
-at least MAX_EXAMPLES generated requests per operation in the fuzzing phase alone, and zero failures."""
+at least MAX_EXAMPLES generated requests per operation in the fuzzing phase alone, and zero failures. With API keys
+on: schemathesis sends an admin key (admin implies every scope) on the operations whose spec declares the bearer
+scheme, so the guarded ones are exercised in full, and its `ignored_auth` check replays their accepted requests
+without a key and with a made-up one, which must be refused with 401 or 403."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import pytest
 from pipeline.edge.api import build_api
 from pipeline.serve.args import AppArgs
 from pipeline.serve.local import make_api
+from tests.support.keys import new_key, ring
 from tests.support.serve import serving
 
 pytestmark = pytest.mark.integration
@@ -36,15 +40,23 @@ include-path = "/events"
 # schema can list a catalog that changes with each bundle) and a timestamp over 5 minutes ahead of the server's
 # clock (a schema has no clock). Every other status still fails the check; negative data must still be refused.
 checks.positive_data_acceptance.expected-statuses = ["2xx", "422"]
+
+# The key for the operations whose spec declares the ApiKey (HTTP bearer) scheme.
+[auth.openapi.ApiKey]
+bearer = "{key}"
 """
+# Operations behind a key, which `ignored_auth` must find enforced.
+GUARDED = ("POST /events", "GET /admin/rollout")
 # Operations without inputs: one request is all there is to generate.
-NO_INPUTS = {"GET /healthz", "GET /readyz"}
+NO_INPUTS = {"GET /healthz", "GET /readyz", "GET /admin/rollout"}
 
 
-def figures(ndjson: Path) -> tuple[dict[str, Counter], Counter]:
-    """Requests per operation by (phase, positive|negative), and check outcomes, from schemathesis's event log."""
+def figures(ndjson: Path) -> tuple[dict[str, Counter], Counter, dict[str, Counter]]:
+    """Requests per operation by (phase, positive|negative), check outcomes, and check outcomes per operation, from
+    schemathesis's event log."""
     per_op: dict[str, Counter] = defaultdict(Counter)
-    checks: Counter = Counter()
+    checks: Counter = Counter()  # (check, status)
+    by_op: dict[str, Counter] = defaultdict(Counter)  # operation -> (check, status)
     for line in ndjson.read_text().splitlines():
         event = json.loads(line)
         finished = event.get("ScenarioFinished")
@@ -54,17 +66,22 @@ def figures(ndjson: Path) -> tuple[dict[str, Counter], Counter]:
             value = case["value"]
             mode = (value.get("meta") or {}).get("generation", {}).get("mode")
             per_op[f"{value['method']} {value['path']}"][(finished["phase"], mode)] += 1
-        for outcomes in (finished["recorder"].get("checks") or {}).values():
+        cases = finished["recorder"].get("cases") or {}
+        for case_id, outcomes in (finished["recorder"].get("checks") or {}).items():
             checks.update((c["name"], c["status"]) for c in outcomes)
-    return per_op, checks
+            value = (cases.get(case_id) or {}).get("value")
+            if value:
+                by_op[f"{value['method']} {value['path']}"].update((c["name"], c["status"]) for c in outcomes)
+    return per_op, checks, by_op
 
 
 def test_schemathesis_finds_no_failure(small_bundle, slice_online, store_settings, tmp_path: Path):
     api = make_api(AppArgs(bundle=small_bundle, store=store_settings))
+    key, entry = new_key("fuzzer", "admin")
     config = tmp_path / "schemathesis.toml"
-    config.write_text(CONFIG)
+    config.write_text(CONFIG.replace("{key}", key))
     report, events = tmp_path / "report.json", tmp_path / "events.ndjson"
-    with serving(build_api(lambda: api)) as url:
+    with serving(build_api(lambda: api, keys=ring(entry))) as url:
         began = time.monotonic()
         cmd = [
             str(Path(sys.executable).parent / "schemathesis"),
@@ -98,7 +115,7 @@ def test_schemathesis_finds_no_failure(small_bundle, slice_online, store_setting
         took = time.monotonic() - began
     assert out.returncode == 0, out.stdout[-20000:] + out.stderr[-4000:]
     summary = json.loads(report.read_text())
-    per_op, checks = figures(events)
+    per_op, checks, by_op = figures(events)
     print(
         f"\nschemathesis {summary['schemathesis_version']}: {summary['operations']['tested']} operations, "
         f"{summary['test_cases']['generated']} test cases, {sum(checks.values())} checks run "
@@ -108,9 +125,12 @@ def test_schemathesis_finds_no_failure(small_bundle, slice_online, store_setting
         if sum(per_op[op].values()) > 1:
             print(f"  {op}: {dict(sorted(per_op[op].items()))}")
     assert summary["complete"] and summary["test_cases"]["with_failures"] == 0 and not summary["errors"]
-    assert summary["operations"]["tested"] == summary["operations"]["total"] == 5
+    assert summary["operations"]["tested"] == summary["operations"]["total"] == 6
     assert {status for _, status in checks} == {"success"}
     for op in ("POST /recommend", "POST /events", "GET /items/{item_id}/similar"):
         fuzzed = per_op[op][("fuzzing", "positive")] + per_op[op][("fuzzing", "negative")]
         assert fuzzed >= MAX_EXAMPLES, (op, dict(per_op[op]))
     assert all(per_op[op] for op in NO_INPUTS)
+    # The guarded operations were accepted with the key, and found refusing requests without one and with a bad one.
+    for op in GUARDED:
+        assert by_op[op][("ignored_auth", "success")] >= 1, (op, dict(by_op[op]))

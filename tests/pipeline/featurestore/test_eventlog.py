@@ -65,6 +65,7 @@ from pipeline.serve.metrics import NullRecorder
 from settings import StoreSettings
 from tests.conftest import ROOT
 from tests.pipeline.conftest import catalog, manifest
+from tests.support.keys import keyed
 from tests.support.redis_server import OwnRedis, client_for, port_taken
 
 pytestmark = pytest.mark.integration
@@ -406,7 +407,8 @@ def test_a_redis_restart_under_twenty_concurrent_writers_loses_no_accepted_event
     service = Chain(core, online, stages, Knobs(max_in_flight=100), NullRecorder())
     events = EventSettings()
     api = Api(service, settings, events, lambda: EventWriter(store, settings, events))
-    app = build_api(lambda: api)
+    keys, auth = keyed()
+    app = build_api(lambda: api, keys=keys)
 
     users = [_user("drill") for _ in range(8)]
     base_ms = int(time.time() * 1000) - 3_600_000
@@ -416,7 +418,8 @@ def test_a_redis_restart_under_twenty_concurrent_writers_loses_no_accepted_event
     started = time.monotonic()
 
     async def client_loop() -> None:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://drill") as http:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://drill", headers=auth) as http:
             while not stop.is_set():
                 n = next(serial)
                 user, size = users[n % len(users)], 1 + n % 2

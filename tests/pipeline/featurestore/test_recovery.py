@@ -18,6 +18,7 @@ from pipeline.serve.args import AppArgs
 from pipeline.serve.local import make_api
 from settings import StoreSettings
 from tests.pipeline.conftest import catalog, manifest
+from tests.support.keys import keyed
 from tests.support.redis_server import OwnRedis
 
 pytestmark = pytest.mark.integration
@@ -46,7 +47,9 @@ def test_a_redis_restart_without_persistence_is_detected_served_degraded_and_rec
     )
     materialize(open_store(settings), settings, small_bundle, manifest(small_bundle))
     api = make_api(AppArgs(bundle=small_bundle, store=settings))
-    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_api(lambda: api)), base_url="http://replica")
+    keys, auth = keyed()
+    app = build_api(lambda: api, keys=keys)
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://replica", headers=auth)
     known = "12347" if "12347" in set(api.chain.snapshot.user_ids.tolist()) else str(api.chain.snapshot.user_ids[0])
     fresh = "recovery-new-user"
     viewed = [i for i in catalog(small_bundle) if i in api.known_items][:3]

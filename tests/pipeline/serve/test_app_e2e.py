@@ -22,6 +22,7 @@ from chain.rollout import ArmSpec, RolloutSpec, assign
 from pipeline.commands.serve import http_get, ingress_replicas_up, port_open
 from settings import ServeSettings
 from tests.conftest import ROOT, recserve
+from tests.support.keys import bearer, new_key
 from tests.support.load import open_loop
 
 pytestmark = pytest.mark.integration
@@ -46,7 +47,14 @@ SETTINGS = ServeSettings(
     haproxy_stats_port=8414,
     haproxy_metrics_port=9111,
 )
-SETTINGS_ENV = {f"RECSERVE_{k.upper()}": str(v) for k, v in SETTINGS.model_dump().items()}
+# The run's own API key, configured inline (no keys file is read), and sent by the client and `recserve rollout`.
+KEY, KEY_ENTRY = new_key("e2e", "admin")
+SETTINGS_ENV = {
+    **{f"RECSERVE_{k.upper()}": str(v) for k, v in SETTINGS.model_dump().items()},
+    "RECSERVE_API_KEYS": KEY_ENTRY,
+    "RECSERVE_API_KEYS_FILE": f"/tmp/recserve-e2e-no-keys-file-{os.getpid()}",
+    "RECSERVE_API_KEY": KEY,
+}
 
 
 @dataclass(frozen=True)
@@ -93,7 +101,7 @@ def app(request, small_bundle, slice_online, store_settings, tmp_path_factory):
     # The one URL a client uses: HAProxy on the config's port, whatever the replicas' own ports are.
     url = re.search(r"^HTTP: (http://127\.0\.0\.1:\d+) \(HAProxy over", text, re.M)
     assert url and url[1] == f"http://127.0.0.1:{HTTP_PORT}", text[-2000:]
-    client = httpx.Client(base_url=url[1], timeout=30)
+    client = httpx.Client(base_url=url[1], timeout=30, headers=bearer(KEY))
     yield App(topology, client, url[1])
     client.close()
     proc.send_signal(signal.SIGTERM)
@@ -187,6 +195,18 @@ def test_an_event_changes_the_next_recommendation(app, small_bundle):
     assert not after["degraded"], after["fallback_reason"]
     assert [i["item_id"] for i in after["items"]] != [i["item_id"] for i in before["items"]]
     assert any(i["reason"].endswith("you viewed") for i in after["items"])
+
+
+def test_events_and_admin_need_a_key_through_serve(app, small_bundle):
+    item = pd.read_parquet(small_bundle / "catalog.parquet")["item_id"].iloc[0]
+    body = {"events": [{"user_id": "e2e-no-key", "item_id": item, "event_type": "view"}]}
+    for headers in ({}, bearer("not-a-key")):
+        r = httpx.post(f"{app.url}/events", json=body, headers=headers, timeout=30)
+        assert r.status_code == 401, r.text
+        assert r.json()["request_id"] == r.headers["x-request-id"] and r.json()["field"] == "Authorization"
+        assert r.headers["www-authenticate"].startswith("Bearer")
+    admin = app.client.get("/admin/rollout")
+    assert admin.status_code == 200 and admin.json()["arms"] == app.client.get("/readyz").json()["arms"]
 
 
 def test_similar_items(app, small_bundle):

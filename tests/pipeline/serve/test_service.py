@@ -26,6 +26,7 @@ from pipeline.featurestore.events import EventSettings, EventWriter
 from pipeline.featurestore.store import OnlineFeatures, open_store
 from pipeline.serve.metrics import NullRecorder
 from settings import StoreSettings
+from tests.support.keys import keyed
 
 pytestmark = pytest.mark.integration
 
@@ -146,8 +147,9 @@ def test_redis_down_serves_bundle_features_degraded(core, stages, slice_online):
 
 @pytest.fixture(scope="module")
 def http(api):
-    app = build_api(lambda: api, max_body_bytes=4096)
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://recserve")
+    keys, auth = keyed()
+    app = build_api(lambda: api, max_body_bytes=4096, keys=keys)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://recserve", headers=auth)
 
 
 def call(http, method: str, url: str, **kw) -> httpx.Response:
@@ -213,7 +215,10 @@ def test_with_redis_down_the_http_api_still_answers_and_says_so(core, stages, sl
         EventSettings(),
         lambda: EventWriter(open_store(dead), dead, EventSettings()),
     )
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_api(lambda: api)), base_url="http://r")
+    keys, auth = keyed()
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=build_api(lambda: api, keys=keys)), base_url="http://r", headers=auth
+    )
     r = call(client, "POST", "/recommend", json={"user_id": known_user(core), "k": 10})
     assert r.status_code == 200 and r.json()["degraded"] and r.json()["fallback_reason"] == "feature_store_unavailable"
     assert len(r.json()["items"]) == 10
