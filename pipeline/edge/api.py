@@ -187,7 +187,7 @@ class Api:
                     "share": arms.weight(a) if a.role != "shadow" else a.weight,
                     "model_version": self._version(a.key),
                     "bundle": a.bundle,
-                    **({"rolled_back": arms.rolled_back[a.name]} if a.name in arms.rolled_back else {}),
+                    "rolled_back": arms.rolled_back.get(a.name),
                 }
                 for a in state.serving.arms
             },

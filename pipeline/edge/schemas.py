@@ -129,9 +129,11 @@ class SimilarResponse(BaseModel):
 
 class ArmOut(BaseModel):
     role: Role
-    weight: float = Field(description="percent of users assigned to this arm")
+    weight: float = Field(description="percent of users assigned to this arm (a shadow's: of requests mirrored)")
+    share: float = Field(description="percent of users it serves now: 0 once the canary guard rolled it back")
     model_version: str = Field(description="the arm's bundle version; `loading` while a switch loads it")
     bundle: str
+    rolled_back: str | None = Field(None, description="why the canary guard rolled it back, if it did")
 
 
 class RolloutStatus(BaseModel):

@@ -344,7 +344,7 @@ def test_a_failing_canary_is_rolled_back_on_every_replica_and_counted_once(app, 
         for u in users[:40]:
             recommend(app.client, user_id=u, k=3)
         shown = [json.loads(http_get(f"{app.url}/readyz", 5.0)[1])["arms"]["canary"] for _ in range(6)]
-        return all("rolled_back" in a and a["share"] == 0.0 for a in shown)
+        return all(a["rolled_back"] and a["share"] == 0.0 for a in shown)
 
     wait_for(rolled_back, 60.0, "the canary rolled back on every replica")
     took = time.monotonic() - began
