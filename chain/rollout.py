@@ -19,8 +19,8 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
@@ -269,6 +269,11 @@ def verdict(canary: WindowStats, champion: WindowStats, guard: Guard) -> str | N
     return None
 
 
+@asynccontextmanager
+async def _no_wait() -> AsyncIterator[float]:
+    yield 0.0
+
+
 def agreement(primary: list[str], other: list[str], k: int = 10) -> tuple[float, float | None]:
     """How much two rankings agree: overlap@k (|top-k of each, in common| / k) and Kendall's tau-b between the
     ranks the common items hold in each list (scipy.stats.kendalltau; None with fewer than two in common, or when
@@ -300,7 +305,8 @@ class Rollout:
     its verdict.
 
     `key(bundle)` names a bundle as the spec may write it in several ways (relative or absolute): the same key,
-    the same chain."""
+    the same chain. `turn()` is held while a bundle loads and warms: the application's replicas take turns
+    (pipeline/serve/guard.LoadTurns), so they are never all loading at once."""
 
     def __init__(
         self,
@@ -308,8 +314,10 @@ class Rollout:
         bundle: str,
         load: Callable[[str], Awaitable[Chain]] | None = None,
         key: Callable[[str], str] = str,
+        turn: Callable[[], AbstractAsyncContextManager[Any]] | None = None,
     ) -> None:
         self._load, self._key = load, key
+        self._turn = turn or _no_wait
         spec = RolloutSpec.single(key(bundle))
         self.arms: Arms[Chain] = Arms(spec, {spec.champion.key: chain})
         self.knobs = chain.knobs
@@ -479,19 +487,26 @@ class Rollout:
                 continue
             chain = self.arms.chains.get(arm.key)
             if chain is None:
-                base = bundles.get(arm.bundle)
-                started = time.monotonic()
-                if base is None:
-                    assert self._load is not None  # apply() refused this replica otherwise
-                    base = bundles[arm.bundle] = await self._load(arm.bundle)
-                    fresh = base
-                else:  # the bundle is loaded: a chain of its own over it (its knobs, breakers, recorder)
-                    fresh = base.twin()
-                if arm.role == "shadow":
-                    fresh = fresh.twin(quiet=True)
-                fresh.reconfigure(self._knobs(arm))
-                await fresh.warm()
-                log.info("rollout: readied %s for arm %s in %.1f s", arm.bundle, arm.name, time.monotonic() - started)
+                async with self._turn() as waited:
+                    started = time.monotonic()
+                    base = bundles.get(arm.bundle)
+                    if base is None:
+                        assert self._load is not None  # apply() refused this replica otherwise
+                        base = bundles[arm.bundle] = await self._load(arm.bundle)
+                        fresh = base
+                    else:  # the bundle is loaded: a chain of its own over it (its knobs, breakers, recorder)
+                        fresh = base.twin()
+                    if arm.role == "shadow":
+                        fresh = fresh.twin(quiet=True)
+                    fresh.reconfigure(self._knobs(arm))
+                    await fresh.warm()
+                log.info(
+                    "rollout: readied %s for arm %s in %.1f s, after %.1f s waiting for the load turn",
+                    arm.bundle,
+                    arm.name,
+                    time.monotonic() - started,
+                    waited,
+                )
                 chain = fresh
             else:
                 chain.reconfigure(self._knobs(arm))

@@ -69,7 +69,7 @@ from pipeline.featurestore.eventlog import EventLog
 from pipeline.featurestore.events import EventSettings, EventWriter, validate_events
 from pipeline.featurestore.recovery import StoreWatch
 from pipeline.featurestore.store import require_redis
-from pipeline.serve.guard import CanaryGuard, RollbackLedger
+from pipeline.serve.guard import CanaryGuard, LoadTurns, RollbackLedger
 from pipeline.serve.metrics import NullRecorder
 from pipeline.serve.request_id import given_request_id, request_id_for
 from settings import StoreSettings
@@ -132,12 +132,14 @@ class Api:
         load: Callable[[str], Awaitable[Chain]] | None = None,
         bundle_key: Callable[[str], str] = str,
         ledger: RollbackLedger | None = None,
+        turns: LoadTurns | None = None,
     ) -> None:
         """Once `start` runs: `watch` keeps the store's state current (and restores a lost store); `event_log`'s
         flusher drains accepted events into the hourly files (one replica at a time holds its lease). `load` makes
         the chain of another bundle, for a rollout's arms (chain/rollout.py); without it, rollouts are refused. With
-        `ledger`, the canary guard runs too (pipeline/serve/guard.py)."""
-        self.rollout = Rollout(chain, str(chain.core.path), load, bundle_key)
+        `ledger`, the canary guard runs too, and with `turns` the replicas load bundles one at a time
+        (pipeline/serve/guard.py)."""
+        self.rollout = Rollout(chain, str(chain.core.path), load, bundle_key, turns.turn if turns else None)
         self.watch = watch
         self.event_log = event_log
         self.ledger = ledger

@@ -1,4 +1,6 @@
-"""The canary guard: automatic rollback of a canary arm that is slower, failing or degraded next to the champion.
+"""Rollout state the replicas share in Redis: the canary guard's rollbacks, and whose turn it is to load a bundle.
+
+The canary guard: automatic rollback of a canary arm that is slower, failing or degraded next to the champion.
 
 Each replica compares the arms it served over the guard's sliding window (chain/rollout.Rollout.check). The first
 replica to find a canary worse records the verdict in Redis, under the experiment's digest (RolloutSpec.digest),
@@ -8,6 +10,11 @@ the event is logged and counted once (`recserve_rollbacks`), and it outlives any
 spec) starts with no rollback.
 
 When Redis does not answer, a replica still rolls back on its own verdict: backing out is the safe side.
+
+Load turns: in a switch every replica loads the new bundle, and if all do at once, on a small node the whole
+application slows at once. `LoadTurns` lets one replica of the application load at a time (a Redis lock, redis-py's
+`Lock`: a token per holder, released only by its holder, expiring if the holder dies), so the balancer can move
+traffic to the replicas that are not loading. Without Redis, replicas load without waiting.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import redis
@@ -57,6 +66,46 @@ class RollbackLedger:
         pipe.expire(key, RECORD_TTL_S)
         first, _ = pipe.execute()
         return bool(first)
+
+
+def load_turn_key(project: str) -> str:
+    return f"recserve:{project}:load-turn"
+
+
+class LoadTurns:
+    """One replica of the application loads a bundle at a time (see the module)."""
+
+    def __init__(self, settings: StoreSettings, hold_s: float = 30.0, client: redis.Redis | None = None) -> None:
+        """`hold_s`: the longest one replica may hold the turn (its lock expires then, e.g. if the replica died),
+        and the longest another waits for it."""
+        self.ledger = RollbackLedger(settings, client)
+        self.hold_s = hold_s
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[float]:
+        """Waits for the application's load turn and holds it; yields the seconds waited."""
+        began = time.monotonic()
+        lock = None
+        try:
+            candidate = self.ledger.client.lock(
+                load_turn_key(self.ledger.project),
+                timeout=self.hold_s,
+                sleep=0.05,
+                blocking_timeout=self.hold_s,
+                thread_local=False,  # taken and given back on different worker threads (asyncio.to_thread)
+            )
+            if await asyncio.to_thread(candidate.acquire):
+                lock = candidate
+            else:
+                log.warning("rollout: no load turn within %.0f s; loading anyway", self.hold_s)
+        except REDIS_ERRORS as exc:
+            log.warning("rollout: Redis does not answer (%s); loading without waiting for a turn", exc)
+        try:
+            yield time.monotonic() - began
+        finally:
+            if lock is not None:
+                with contextlib.suppress(*REDIS_ERRORS, redis.exceptions.LockError):  # expired: nothing to release
+                    await asyncio.to_thread(lock.release)
 
 
 class CanaryGuard:

@@ -38,7 +38,7 @@ from pipeline.featurestore.events import EventWriter
 from pipeline.featurestore.recovery import StoreWatch, bundle_materializer
 from pipeline.featurestore.store import OnlineFeatures, open_store
 from pipeline.serve.args import AppArgs
-from pipeline.serve.guard import RollbackLedger
+from pipeline.serve.guard import LoadTurns, RollbackLedger
 from pipeline.serve.metrics import NullRecorder
 from settings import PROJECT_ROOT, configure_process
 
@@ -147,6 +147,7 @@ def make_api(
         load=load,
         bundle_key=lambda path: str(settings.model_copy(update={"bundle": Path(path)}).bundle_path()),
         ledger=RollbackLedger(store),
+        turns=LoadTurns(store),
     )
     try:
         api.writer()  # now, not inside the first POST /events (opening Feast's registry takes ~0.7 s)

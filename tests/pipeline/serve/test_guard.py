@@ -5,6 +5,7 @@ in the real Redis, traffic from concurrent callers."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import Counter
 from pathlib import Path
@@ -16,7 +17,7 @@ from chain.rollout import ArmSpec, Guard, RolloutSpec
 from pipeline.edge.api import Api
 from pipeline.edge.schemas import RecommendRequest
 from pipeline.serve.args import AppArgs
-from pipeline.serve.guard import CanaryGuard, RollbackLedger, rollbacks_key
+from pipeline.serve.guard import CanaryGuard, LoadTurns, RollbackLedger, rollbacks_key
 from pipeline.serve.local import make_api
 from settings import StoreSettings
 
@@ -229,3 +230,31 @@ def test_shadow_answers_are_compared_off_the_callers_path_and_shed_under_load(
     mean = sum(overlap for _, overlap, _ in done) / len(done)
     assert 0.0 < mean < 1.0, mean
     assert all(-1.0 <= tau <= 1.0 for *_, tau in done if tau is not None)
+
+
+def test_replicas_take_turns_to_load_and_without_redis_nobody_waits(store_settings):
+    project = f"turns_{time.time_ns()}"
+    turns = [LoadTurns(store_settings.model_copy(update={"project": project})) for _ in range(3)]
+    held: list[tuple[float, float]] = []
+
+    async def load(t: LoadTurns) -> None:
+        async with t.turn():
+            began = time.monotonic()
+            await asyncio.sleep(0.3)
+            held.append((began, time.monotonic()))
+
+    async def all_at_once() -> None:
+        await asyncio.gather(*(load(t) for t in turns))
+
+    asyncio.run(all_at_once())
+    held.sort()
+    assert len(held) == 3
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(held)), held  # one at a time
+
+    down = LoadTurns(store_settings.model_copy(update={"redis": "127.0.0.1:1"}))
+
+    async def alone() -> float:
+        async with down.turn() as waited:
+            return waited
+
+    assert asyncio.run(alone()) < 1.0
