@@ -51,6 +51,7 @@ from models.errors import (
     UnsupportedMediaTypeError,
     WriteConflictError,
 )
+from models.realtime import EventRecord
 from pipeline.edge.schemas import (
     NON_BLANK,
     ErrorBody,
@@ -63,8 +64,9 @@ from pipeline.edge.schemas import (
 )
 from pipeline.featurestore.eventlog import EventLog
 from pipeline.featurestore.events import EventSettings, EventWriter, validate_events
+from pipeline.featurestore.outcomes import Outcomes
 from pipeline.featurestore.recovery import StoreWatch
-from pipeline.featurestore.store import require_redis
+from pipeline.featurestore.store import REDIS_ERRORS, require_redis
 from pipeline.serve.metrics import NullRecorder
 from pipeline.serve.request_id import given_request_id, request_id_for
 from settings import StoreSettings
@@ -119,10 +121,13 @@ class Api:
         event_log: EventLog | None = None,
         load: Callable[[str], Awaitable[Chain]] | None = None,
         bundle_key: Callable[[str], str] = str,
+        outcomes: Outcomes | None = None,
     ) -> None:
         """Once `start` runs: `watch` keeps the store's state current (and restores a lost store); `event_log`'s
         flusher drains accepted events into the hourly files (one replica at a time holds its lease). `load` makes
-        the chain of another bundle, for a rollout's arms (chain/rollout.py); without it, rollouts are refused."""
+        the chain of another bundle, for a rollout's arms (chain/rollout.py); without it, rollouts are refused.
+        `outcomes` records each answer as an exposure and attributes add_to_cart/purchase events to the arm that
+        showed the item (pipeline/featurestore/outcomes.py); its flusher runs from `start`."""
         self.rollout = Rollout(chain, str(chain.core.path), load, bundle_key)
         self.watch = watch
         self.event_log = event_log
@@ -135,6 +140,7 @@ class Api:
         self._writer: EventWriter | None = None
         self._warmed = False
         self.recorder = recorder or NullRecorder()
+        self.outcomes = outcomes
 
     def _version(self, bundle: str) -> str:
         chain = self.rollout.arms.chains.get(bundle)
@@ -152,9 +158,32 @@ class Api:
         return self.rollout.champion
 
     async def recommend(self, body: RecommendRequest) -> Recommendation:
-        return await self.rollout.recommend(
+        rec = await self.rollout.recommend(
             ChainQuery(user_id=body.user_id, k=body.k, exclude=tuple(body.exclude), query=body.query)
         )
+        self._exposed(rec)
+        return rec
+
+    def _exposed(self, rec: Recommendation) -> None:
+        # Outcomes: the answer as an exposure of its arm (buffered in memory, no I/O here).
+        if rec.fallback_reason == "internal_error":
+            self.recorder.arm_error(rec.arm, rec.model_version)
+        if self.outcomes is not None:
+            salt = self.rollout.arms.spec.salt
+            self.outcomes.exposed(salt, rec.user_id, rec.arm, rec.model_version, [i.item_id for i in rec.items])
+
+    def _attribute(self, stored: dict[str, list[EventRecord]]) -> None:
+        # Outcomes: a failure here never turns accepted events into an error; they are stored already.
+        if self.outcomes is None:
+            return
+        try:
+            self.outcomes.attribute(self.rollout.arms.spec.salt, stored)
+        except REDIS_ERRORS as exc:
+            self.recorder.outcome("attribution_failed", sum(map(len, stored.values())))
+            log.warning("outcomes: attribution of %d users' events failed (%s)", len(stored), exc)
+        except Exception:  # a bug must not fail events that are stored: counted, logged with its trace
+            self.recorder.outcome("attribution_failed", sum(map(len, stored.values())))
+            log.exception("outcomes: attribution of %d users' events failed", len(stored))
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """The Ingress's user_config: the knobs, and an optional `rollout` (RolloutSpec) of arms to switch to.
@@ -173,9 +202,10 @@ class Api:
         except InvalidEventError:
             self.recorder.events("rejected", len(raw) if isinstance(raw, list) else 1)
             raise
-        accepted = self.writer().write(events).accepted
-        self.recorder.events("accepted", accepted)
-        return accepted
+        result = self.writer().write(events)
+        self.recorder.events("accepted", result.accepted)
+        self._attribute(result.stored)
+        return result.accepted
 
     async def start(self) -> None:
         """Warm every path (the first call through each stage is slow and must not land on a customer), then start
@@ -190,6 +220,8 @@ class Api:
                 self._tasks.append(asyncio.create_task(self.watch.run(self._stop)))
             if self.event_log is not None:
                 self._tasks.append(asyncio.create_task(self.event_log.run_flusher(self._stop)))
+            if self.outcomes is not None:
+                self._tasks.append(asyncio.create_task(self.outcomes.run_flusher(self._stop)))
 
     async def stop(self) -> None:
         self._stop.set()

@@ -45,6 +45,15 @@ class NullRecorder:
     def events(self, outcome: str, n: int) -> None:
         pass
 
+    def conversion(self, arm: str, version: str) -> None:
+        pass
+
+    def arm_error(self, arm: str, version: str) -> None:
+        pass
+
+    def outcome(self, outcome: str, n: int) -> None:
+        pass
+
 
 class RayRecorder:
     def __init__(self, version: str, topology: str) -> None:
@@ -81,6 +90,24 @@ class RayRecorder:
             boundaries=LATENCY_MS,
             tag_keys=("arm", "version"),
         )
+        # Online outcomes (pipeline/featurestore/outcomes.py): hit rate per arm in PromQL is
+        # rate(ray_recserve_arm_conversions_total) / rate(ray_recserve_arm_answers_total), summed by arm.
+        self._arm_conversions = metrics.Counter(
+            "recserve_arm_conversions",
+            description="answers converted by an add_to_cart or purchase of a shown item within the attribution "
+            "window, by rollout arm and bundle (once per answer)",
+            tag_keys=("arm", "version"),
+        )
+        self._arm_errors = metrics.Counter(
+            "recserve_arm_errors",
+            description="/recommend answers whose chain failed (the popularity rung, internal_error) by arm and bundle",
+            tag_keys=("arm", "version"),
+        )
+        self._outcomes = metrics.Counter(
+            "recserve_outcomes",
+            description="outcome bookkeeping: exposures_flushed, exposures_dropped, flush_failed, attribution_failed",
+            tag_keys=("outcome",),
+        )
         info = metrics.Gauge("recserve_model_info", description="the bundle served", tag_keys=("version", "topology"))
         info.set(1, tags={"version": version, "topology": topology})
 
@@ -103,3 +130,13 @@ class RayRecorder:
     def answer(self, arm: str, version: str, ms: float, degraded: bool) -> None:
         self._arm_answers.inc(1, tags={"arm": arm, "version": version, "degraded": str(degraded).lower()})
         self._arm_latency.observe(ms, tags={"arm": arm, "version": version})
+
+    def conversion(self, arm: str, version: str) -> None:
+        self._arm_conversions.inc(1, tags={"arm": arm, "version": version})
+
+    def arm_error(self, arm: str, version: str) -> None:
+        self._arm_errors.inc(1, tags={"arm": arm, "version": version})
+
+    def outcome(self, outcome: str, n: int) -> None:
+        if n:
+            self._outcomes.inc(n, tags={"outcome": outcome})
