@@ -274,8 +274,8 @@ def arm_stats(metrics_url: str) -> dict[str, dict[str, float]]:
 def outcome_counts(store: StoreSettings, salt: str) -> list[ArmCounts] | str:
     """The experiment's answers and conversions per arm and version from Redis (cluster-wide, since the salt's
     first answer); the reason as text when Redis does not answer."""
+    from pipeline.featurestore.client import REDIS_ERRORS, redis_client
     from pipeline.featurestore.outcomes import read_counts
-    from pipeline.featurestore.store import REDIS_ERRORS, redis_client
 
     try:
         return read_counts(redis_client(store), store.project, salt)

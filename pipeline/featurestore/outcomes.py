@@ -46,7 +46,7 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.realtime import EventRecord
-from pipeline.featurestore.store import REDIS_ERRORS
+from pipeline.featurestore.client import REDIS_ERRORS
 
 log = logging.getLogger("recserve")
 
