@@ -85,6 +85,7 @@ class ArmResult:
     answers: int  # Redis's count, cluster-wide
     converted: int  # Redis's count: answers converted by a purchase within the window
     expected: int  # answers the harness saw hold at least one item the user then bought
+    degraded: int  # answers the harness saw flagged degraded (a stage missed its deadline or failed)
     rate: float
     low: float  # Wilson 95%
     high: float
@@ -113,6 +114,7 @@ class Summary:
     challenger: str | None
     users: int
     k: int
+    deadline_ms: float
     alpha: float
     test: str
     runs: list[RunResult] = field(default_factory=list)
@@ -171,12 +173,19 @@ def drop_store(store: StoreSettings) -> int:
     return drop_project(open_store(store), store)
 
 
-def make_sim_api(champion: Path, store: StoreSettings, compile_cache: Path | None = None) -> Any:
-    """The Api a colocated Ingress replica runs, over the harness's project (no store watch: nothing is lost)."""
+def make_sim_api(
+    champion: Path, store: StoreSettings, compile_cache: Path | None = None, deadline_ms: float = 2000.0
+) -> Any:
+    """The Api a colocated Ingress replica runs, over the harness's project (no store watch: nothing is lost).
+
+    The deadline is long by default: on a shared 2-core machine the serving deadline (80 ms) degrades answers now
+    and then, more often for the slower bundle, and the comparison is of the models, not of the machine's load."""
+    from chain.knobs import Knobs
     from pipeline.serve.args import AppArgs
     from pipeline.serve.local import make_api
 
-    return make_api(AppArgs(bundle=champion, store=store, watch_store=False), compile_cache=compile_cache)
+    args = AppArgs(bundle=champion, store=store, watch_store=False, knobs=Knobs(deadline_ms=deadline_ms))
+    return make_api(args, compile_cache=compile_cache)
 
 
 def spec_for(champion: Path, challenger: Path, salt: str) -> dict[str, Any]:
@@ -222,6 +231,7 @@ async def run_once(
     api.recorder = recorder
     outcomes = api.outcomes
     expected: dict[str, int] = {}
+    degraded: dict[str, int] = {}
     ms: list[float] = []
     for u in replay.users:
         t = time.perf_counter()
@@ -229,6 +239,7 @@ async def run_once(
         ms.append((time.perf_counter() - t) * 1000)
         hit = bool(set(replay.purchases[u]) & {i.item_id for i in rec.items})
         expected[rec.arm] = expected.get(rec.arm, 0) + hit
+        degraded[rec.arm] = degraded.get(rec.arm, 0) + rec.degraded
     # The flusher writes exposures every flush_s; wait for it rather than writing them from here.
     while outcomes.pending:
         await asyncio.sleep(outcomes.settings.flush_s)
@@ -255,7 +266,18 @@ async def run_once(
         rates[a.name] = h
         version = c.version if c else "-"
         arms.append(
-            ArmResult(a.name, version, a.weight, answers, converted, expected.get(a.name, 0), h.rate, h.low, h.high)
+            ArmResult(
+                a.name,
+                version,
+                a.weight,
+                answers,
+                converted,
+                expected.get(a.name, 0),
+                degraded.get(a.name, 0),
+                h.rate,
+                h.low,
+                h.high,
+            )
         )
     cmp = versus_champion(rates["challenger"], rates["champion"])
     srm = sample_ratio_p([r.answers for r in arms], [r.weight for r in arms])
@@ -286,6 +308,7 @@ def describe(r: RunResult) -> str:
     arms = "  ".join(
         f"{a.arm} {a.converted}/{a.answers} = {a.rate:.3f} [{a.low:.3f}, {a.high:.3f}]"
         + ("" if a.converted == a.expected else f" (harness saw {a.expected})")
+        + (f" ({a.degraded} degraded)" if a.degraded else "")
         for a in r.arms
     )
     verdict = "SIGNIFICANT" if r.significant else "no difference"
@@ -331,6 +354,7 @@ def main() -> int:
     p.add_argument("--aa-runs", type=int, default=20, help="salts for champion vs itself")
     p.add_argument("--users", type=int, default=None, help="replay only the first n holdout users (default: all)")
     p.add_argument("--k", type=int, default=10)
+    p.add_argument("--deadline-ms", type=float, default=2000.0, help="the chain's deadline (serving's is 80 ms)")
     p.add_argument("--project", default="rollout_sim", help="the Feast project of the harness's own")
     p.add_argument("--keep", action="store_true", help="keep the project's keys in Redis afterwards")
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "rollout-sim")
@@ -346,7 +370,7 @@ def main() -> int:
     prepare_store(store, [champion, *([challenger] if challenger else [])])
     replay = holdout_replay(champion, users=args.users)
     print(f"replaying {len(replay.users)} holdout users of {champion.name}; project {store.project}", flush=True)
-    api = make_sim_api(champion, store, process.compile_cache)
+    api = make_sim_api(champion, store, process.compile_cache, args.deadline_ms)
     summary = Summary(
         command=" ".join(["python", *sys.argv]),
         machine=machine(),
@@ -354,6 +378,7 @@ def main() -> int:
         challenger=str(challenger) if challenger else None,
         users=len(replay.users),
         k=args.k,
+        deadline_ms=args.deadline_ms,
         alpha=ALPHA,
         test=TEST_NAME,
     )

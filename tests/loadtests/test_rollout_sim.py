@@ -32,7 +32,7 @@ def test_a_small_simulation_counts_exactly_and_aa_runs_claim_no_difference(
     replay = holdout_replay(small_bundle, real_data, users=300)
     assert len(replay.users) == 300 and all(replay.purchases[u] for u in replay.users)
     api = make_sim_api(small_bundle, sim_store)
-    summary = Summary("test", {}, str(small_bundle), str(second_bundle), len(replay.users), 10, 0.05, "fisher")
+    summary = Summary("test", {}, str(small_bundle), str(second_bundle), len(replay.users), 10, 2000.0, 0.05, "fisher")
     started = time.monotonic()
     asyncio.run(simulate(api, small_bundle, second_bundle, replay, 1, 3, 10, "smoke", summary, progress=False))
     took = time.monotonic() - started
