@@ -104,6 +104,8 @@ class RunResult:
     recommend_ms_p50: float
     events_accepted: int
     attribution_failed: int = 0
+    # Per user, whether the answer held an item the user then bought (for `assignment_aa`; not in the JSON).
+    hits: dict[str, bool] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -118,6 +120,7 @@ class Summary:
     alpha: float
     test: str
     runs: list[RunResult] = field(default_factory=list)
+    assignment_aa: dict[str, Any] | None = None
 
     def of(self, experiment: str) -> list[RunResult]:
         return [r for r in self.runs if r.experiment == experiment]
@@ -133,7 +136,16 @@ class Summary:
                     "share_significant": sum(r.significant for r in runs) / len(runs),
                     "mean_difference": sum(r.difference for r in runs) / len(runs),
                     "mean_seconds_per_run": sum(r.seconds for r in runs) / len(runs),
+                    "first_20_significant": sum(r.significant for r in runs[:20]),
                 }
+        if self.assignment_aa is not None:
+            out["aa_by_assignment"] = self.assignment_aa
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for run in out["runs"]:
+            run.pop("hits")
         return out
 
 
@@ -231,6 +243,7 @@ async def run_once(
     api.recorder = recorder
     outcomes = api.outcomes
     expected: dict[str, int] = {}
+    hits: dict[str, bool] = {}
     degraded: dict[str, int] = {}
     ms: list[float] = []
     for u in replay.users:
@@ -238,6 +251,7 @@ async def run_once(
         rec = await api.recommend(RecommendRequest(user_id=u, k=k))
         ms.append((time.perf_counter() - t) * 1000)
         hit = bool(set(replay.purchases[u]) & {i.item_id for i in rec.items})
+        hits[u] = hit
         expected[rec.arm] = expected.get(rec.arm, 0) + hit
         degraded[rec.arm] = degraded.get(rec.arm, 0) + rec.degraded
     # The flusher writes exposures every flush_s; wait for it rather than writing them from here.
@@ -301,7 +315,30 @@ async def run_once(
         ms[len(ms) // 2] if ms else float("nan"),
         accepted,
         recorder.failed,
+        hits,
     )
+
+
+def assignment_aa(hits: dict[str, bool], champion: Path, salts: Sequence[str]) -> dict[str, Any]:
+    """The A/A false-positive rate of the status's statistics over many salts, without the Api: each user's
+    outcome fixed to what an honest run measured (`hits`, one A/A run's; the answers of one bundle do not depend on
+    the arm), each salt's assignment by the rollout's own `assign`, then the same Wilson/Fisher code as `rollout
+    status`. It checks the statistics and the assignment over far more salts than full runs allow; the full runs
+    check that Redis counts what the answers hold."""
+    from chain.rollout import RolloutSpec, assign
+    from models.hitrate import hit_rate, versus_champion
+
+    significant = 0
+    for salt in salts:
+        spec = RolloutSpec.model_validate(spec_for(champion, champion, salt))
+        n = {"champion": [0, 0], "challenger": [0, 0]}
+        for u, hit in hits.items():
+            row = n[assign(u, spec).name]
+            row[0] += hit
+            row[1] += 1
+        rates = {arm: hit_rate(k, total) for arm, (k, total) in n.items()}
+        significant += versus_champion(rates["challenger"], rates["champion"]).significant
+    return {"salts": len(salts), "significant": significant, "share_significant": significant / max(len(salts), 1)}
 
 
 def describe(r: RunResult) -> str:
@@ -329,8 +366,10 @@ async def simulate(
     tag: str,
     summary: Summary,
     progress: bool = True,
+    assignment_salts: int = 0,
 ) -> Summary:
-    """The compare runs (when there is a challenger), then the A/A runs, appended to `summary`."""
+    """The compare runs (when there is a challenger), then the A/A runs, appended to `summary`; after the first
+    A/A run, `assignment_aa` over `assignment_salts` salts (0: not)."""
     await api.start()
     try:
         plans = [("compare", challenger, i) for i in range(compare_runs if challenger else 0)]
@@ -339,6 +378,16 @@ async def simulate(
             assert other is not None
             result = await run_once(api, experiment, champion, other, f"{tag}-{experiment}-{i}", replay, k)
             summary.runs.append(result)
+            if experiment == "aa" and assignment_salts and summary.assignment_aa is None:
+                salts = [f"{tag}-assign-{j}" for j in range(assignment_salts)]
+                summary.assignment_aa = assignment_aa(result.hits, champion, salts)
+                if progress:
+                    a = summary.assignment_aa
+                    print(
+                        f"A/A by assignment alone over {a['salts']} salts: {a['significant']} significant "
+                        f"({a['share_significant']:.2%})",
+                        flush=True,
+                    )
             if progress:
                 print(describe(result), flush=True)
     finally:
@@ -352,6 +401,12 @@ def main() -> int:
     p.add_argument("--challenger", type=Path, help="a second bundle for the compare runs (none: A/A only)")
     p.add_argument("--compare-runs", type=int, default=5, help="salts for champion vs challenger")
     p.add_argument("--aa-runs", type=int, default=20, help="salts for champion vs itself")
+    p.add_argument(
+        "--assignment-salts",
+        type=int,
+        default=10_000,
+        help="after the first A/A run: the A/A false-positive rate over this many more salts by assignment alone",
+    )
     p.add_argument("--users", type=int, default=None, help="replay only the first n holdout users (default: all)")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--deadline-ms", type=float, default=2000.0, help="the chain's deadline (serving's is 80 ms)")
@@ -384,14 +439,27 @@ def main() -> int:
     )
     tag = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     try:
-        asyncio.run(simulate(api, champion, challenger, replay, args.compare_runs, args.aa_runs, args.k, tag, summary))
+        asyncio.run(
+            simulate(
+                api,
+                champion,
+                challenger,
+                replay,
+                args.compare_runs,
+                args.aa_runs,
+                args.k,
+                tag,
+                summary,
+                assignment_salts=args.assignment_salts,
+            )
+        )
     finally:
         if not args.keep:
             drop_store(store)
     figures = summary.figures()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(
-        json.dumps({**asdict(summary), "figures": figures}, indent=2, default=str) + "\n"
+        json.dumps({**summary.as_dict(), "figures": figures}, indent=2, default=str) + "\n"
     )
     for name, f in figures.items():
         print(

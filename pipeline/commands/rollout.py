@@ -359,7 +359,7 @@ def render(report: dict[str, Any]) -> str:
     lines = [f"rollout (salt {report['salt']!r}), replica state: {report['state']}"]
     lines.append(
         f"  {'arm':<12}{'role':<11}{'target':>7}{'share':>7}{'requests':>9}{'p50 ms':>7}{'p99 ms':>7}{'errors':>7}"
-        f"{'degr.':>7}{'answers':>8}{'conv.':>7}{'hit rate [95% CI]':>24}{'vs champion':>22}  "
+        f"{'degr.':>7}{'answers':>8}{'conv.':>7}{'hit rate [95% CI]':>24}{'vs champion':>30}  "
         f"{'model_version':<18}bundle"
     )
     for a in report["arms"]:
@@ -372,17 +372,18 @@ def render(report: dict[str, Any]) -> str:
             versus = "no data"
         else:
             verdict = "significant" if vs["significant"] else "n.s."
-            versus = f"{vs['difference']:+.3f} p={vs['p_value']:.3f} {verdict}"
+            p = "p<0.001" if vs["p_value"] < 0.001 else f"p={vs['p_value']:.3f}"
+            versus = f"{vs['difference']:+.3f} {p} {verdict}"
         lines.append(
             f"  {a['arm']:<12}{a['role']:<11}{a['target_share']:>7.1%}{_fmt(a['observed_share'], '.1%'):>7}"
             f"{a['requests']:>9.0f}{_fmt(a['p50_ms'], '.1f'):>7}{_fmt(a['p99_ms'], '.1f'):>7}"
             f"{_fmt(a['error_rate'], '.2%'):>7}{_fmt(a['degraded_rate'], '.2%'):>7}{a['answers']:>8}"
-            f"{a['conversions']:>7}{hit:>24}{versus:>22}  {a['model_version'] or '-':<18}{a['bundle']}"
+            f"{a['conversions']:>7}{hit:>24}{versus:>30}  {a['model_version'] or '-':<18}{a['bundle']}"
         )
     srm = report["sample_ratio_p"]
     lines.append(
         f"  hit rate = answers converted by an add_to_cart or purchase of a shown item within the attribution window "
-        f"/ answers; {report['confidence']:.0%} Wilson intervals; {report['test']} against the champion, "
+        f"/ answers; {report['confidence']:.0%} Wilson intervals; {report['test']}, of each arm vs the champion at "
         f"alpha {report['alpha']}; sample-ratio check p={_fmt(srm, '.3f')} (below 0.001: the assignment is broken)"
     )
     if report["outcomes"] != "ok":

@@ -34,7 +34,11 @@ def test_a_small_simulation_counts_exactly_and_aa_runs_claim_no_difference(
     api = make_sim_api(small_bundle, sim_store)
     summary = Summary("test", {}, str(small_bundle), str(second_bundle), len(replay.users), 10, 2000.0, 0.05, "fisher")
     started = time.monotonic()
-    asyncio.run(simulate(api, small_bundle, second_bundle, replay, 1, 3, 10, "smoke", summary, progress=False))
+    asyncio.run(
+        simulate(
+            api, small_bundle, second_bundle, replay, 1, 3, 10, "smoke", summary, progress=False, assignment_salts=400
+        )
+    )
     took = time.monotonic() - started
     assert [r.experiment for r in summary.runs] == ["compare", "aa", "aa", "aa"]
     for run in summary.runs:
@@ -47,6 +51,10 @@ def test_a_small_simulation_counts_exactly_and_aa_runs_claim_no_difference(
         assert run.sample_ratio_p > 0.001  # the sticky assignment gives each arm its half
     assert {a.version for a in summary.runs[0].arms} == {"slice-v1", "slice-v2"}
     assert not any(r.significant for r in summary.of("aa"))
+    # The same statistics over 400 more salts, by assignment alone: Fisher's test is exact, so at most about alpha.
+    assert summary.assignment_aa is not None and summary.assignment_aa["salts"] == 400
+    assert summary.assignment_aa["share_significant"] <= 0.08
+    assert "hits" not in summary.as_dict()["runs"][0]
     assert 0 < summary.runs[1].arms[0].rate < 1
     # Each run cleared its salt's keys.
     client = redis_client(sim_store)
