@@ -2,7 +2,8 @@
 Ray) and the real Redis attribution, with two arms, and read the per-arm hit rate, its interval and the test.
 
     python loadtests/rollout_sim.py --challenger artifacts/weak [--champion artifacts/<v>] [--aa-runs 20]
-                                    [--compare-runs 5] [--users N] [--k 10] [--out reports/rollout-sim]
+                                    [--compare-runs 5] [--assignment-salts 10000] [--users N] [--k 10]
+                                    [--deadline-ms 2000] [--out reports/rollout-sim]
 
 One run, for one salt (each run draws the users onto the arms afresh):
 1. every holdout user asks `Api.recommend` once (k items; the user's arm by the rollout's sticky assignment);
@@ -17,7 +18,11 @@ every run starts from the same state.
 
 Two experiments: **compare** (the champion against `--challenger`, 50/50; a better model should win, with
 significance) and **A/A** (the champion against itself, 50/50, `--aa-runs` salts; the test should claim a
-difference in about alpha of them at most: the false-positive rate).
+difference in about alpha of them at most: the false-positive rate). After the first A/A run, `assignment_aa`
+redoes only the split of users over `--assignment-salts` more salts, with that run's per-user outcomes: the
+false-positive rate of the assignment and the statistics, over far more salts than full runs allow.
+
+Results: one line a run on stdout, and `<out>/summary.json` (every run's per-arm counts, intervals and test).
 
 The bundles are materialized into a Feast project of the harness's own (`--project`, default `rollout_sim`, with
 its registry and event log under var/rollout-sim/), never the default project; its keys are dropped at the end
@@ -461,12 +466,16 @@ def main() -> int:
     (args.out / "summary.json").write_text(
         json.dumps({**summary.as_dict(), "figures": figures}, indent=2, default=str) + "\n"
     )
-    for name, f in figures.items():
-        print(
-            f"{name}: {f['significant']} of {f['runs']} runs significant at alpha {ALPHA} "
-            f"({f['share_significant']:.1%}); mean difference {f['mean_difference']:+.4f}; "
-            f"{f['mean_seconds_per_run']:.1f} s a run"
-        )
+    for name in ("compare", "aa"):
+        if f := figures.get(name):
+            print(
+                f"{name}: {f['significant']} of {f['runs']} runs significant at alpha {ALPHA} "
+                f"({f['share_significant']:.1%}; the first 20: {f['first_20_significant']}); mean difference "
+                f"{f['mean_difference']:+.4f}; {f['mean_seconds_per_run']:.1f} s a run"
+            )
+    if a := figures.get("aa_by_assignment"):
+        share = a["share_significant"]
+        print(f"A/A by assignment alone: {a['significant']} of {a['salts']} salts significant ({share:.2%})")
     print(f"wrote {args.out / 'summary.json'}")
     return 0
 
