@@ -10,7 +10,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from loadtests.rollout_sim import Summary, drop_store, holdout_replay, make_sim_api, prepare_store, simulate
+from loadtests.rollout_sim import (
+    Summary,
+    drop_store,
+    exact_aa_size,
+    holdout_replay,
+    make_sim_api,
+    prepare_store,
+    simulate,
+)
 from pipeline.featurestore.store import redis_client
 from settings import StoreSettings
 from tests.pipeline.conftest import scratch_settings
@@ -60,3 +68,11 @@ def test_a_small_simulation_counts_exactly_and_aa_runs_claim_no_difference(
     client = redis_client(sim_store)
     assert not list(client.scan_iter(match=f"recserve:{sim_store.project}:outcomes:*"))
     assert took < 60, f"the smoke run took {took:.0f} s"
+
+
+def test_the_exact_aa_false_positive_rate_is_at_most_alpha():
+    # Fisher's test is exact (conservative) for the randomization distribution, whatever the counts.
+    for users, converting in ((40, 20), (60, 51), (50, 5)):
+        size = exact_aa_size(users, converting)
+        assert 0.0 < size <= 0.05, (users, converting, size)
+    assert exact_aa_size(40, 20, alpha=0.2) > exact_aa_size(40, 20)
