@@ -79,3 +79,9 @@ class NullRecorder:
 
     def share(self, arm: str, percent: float) -> None:
         pass
+
+    def conversion(self, arm: str, version: str) -> None:
+        pass
+
+    def outcome(self, outcome: str, n: int) -> None:
+        pass

@@ -221,7 +221,7 @@ def cmd_rollout(args: argparse.Namespace, settings: Settings) -> int:
     elif args.rollout_command == "rollback":
         spec = rollout.rollback(base, settings.serve)
     else:
-        print(rollout.status(base, settings.serve))
+        print(rollout.status(base, settings.serve, as_json=args.json))
         return 0
     print(f"serving: {', '.join(f'{a.name} {a.weight:g}% ({a.bundle})' for a in spec.arms)} (salt {spec.salt!r})")
     return 0
@@ -367,11 +367,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse a candidate whose offline blend NDCG@10 is below the champion's by more (default: %(default)s)",
     )
     for name, text in (
-        ("status", "print the arms, their shares and the bundles the replicas serve"),
+        (
+            "status",
+            "print per arm: share, requests, p50/p99, error and degraded rates, conversions, hit rate with a 95% "
+            "Wilson interval, and Fisher's exact test against the champion (alpha 0.05)",
+        ),
         ("promote", "make the challenger or canary the champion for every user"),
         ("rollback", "put every user back on the champion"),
     ):
         rsub.add_parser(name, help=text, description=text)
+    rsub.choices["status"].add_argument("--json", action="store_true", help="print the status as JSON")
     for p in rsub.choices.values():
         p.add_argument("--url", default="http://127.0.0.1:8000", help="the service's URL (default: %(default)s)")
         p.add_argument(

@@ -11,24 +11,35 @@ nothing, unless the service accepts it.
 
 `start` refuses a bundle that fails verification, is not materialized in the application's feature store, or
 whose offline NDCG@10 on the same split is below the champion's by more than the tolerance.
+
+`status` prints, per arm: the share of answers (observed against the target weight), requests, p50/p99, error and
+degraded rates (Ray's metrics, since the replicas started), and the online outcomes (Redis's counts, cluster-wide,
+since the experiment's salt first answered; pipeline/featurestore/outcomes.py): answers, conversions, the hit rate
+with its 95% Wilson interval, and Fisher's exact test (two-sided, alpha 0.05) of each arm against the champion
+(models/hitrate.py); plus a sample-ratio check of the shares against the weights. `--json` prints the same as JSON.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chain.rollout import ArmSpec, Role, RolloutSpec
 from models.bundle import Manifest, verified
 from models.errors import ConfigError, RecserveError
+from models.hitrate import ALPHA, CONFIDENCE, TEST_NAME, hit_rate, sample_ratio_p, versus_champion
 from pipeline.commands.serve import http_get
 from pipeline.serve.metrics import histogram_quantile
 from settings import ServeSettings, StoreSettings
+
+if TYPE_CHECKING:
+    from pipeline.featurestore.outcomes import ArmCounts
 
 APP = "recserve"
 DRIVER_NICENESS = 10
@@ -256,15 +267,17 @@ def rollback(base: str, settings: ServeSettings) -> RolloutSpec:
 
 
 def arm_stats(metrics_url: str) -> dict[str, dict[str, float]]:
-    """Per arm, summed over replicas since they started: answers, the degraded share, and p50/p99 of the chain's
-    latency (ms, interpolated within histogram buckets as PromQL's histogram_quantile does). Empty when the
-    metrics endpoint does not answer."""
+    """Per arm, summed over replicas since they started: answers, the degraded and error shares (errors: answers
+    whose chain failed and fell to the popularity rung, `recserve_arm_errors`), and p50/p99 of the chain's latency
+    (ms, interpolated within histogram buckets as PromQL's histogram_quantile does). Empty when the metrics
+    endpoint does not answer."""
     from prometheus_client.parser import text_string_to_metric_families
 
     code, text = http_get(metrics_url, 5.0)
     if code != 200:
         return {}
     answers: dict[str, list[float]] = {}
+    errors: dict[str, float] = {}
     buckets: dict[str, dict[float, float]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -275,6 +288,8 @@ def arm_stats(metrics_url: str) -> dict[str, dict[str, float]]:
                 row = answers.setdefault(arm, [0.0, 0.0])
                 row[0] += sample.value
                 row[1] += sample.value if sample.labels.get("degraded") == "true" else 0.0
+            elif sample.name == "ray_recserve_arm_errors_total":
+                errors[arm] = errors.get(arm, 0.0) + sample.value
             elif sample.name == "ray_recserve_arm_latency_ms_bucket":
                 le = float(sample.labels["le"])
                 buckets.setdefault(arm, {})[le] = buckets.setdefault(arm, {}).get(le, 0.0) + sample.value
@@ -284,29 +299,146 @@ def arm_stats(metrics_url: str) -> dict[str, dict[str, float]]:
         out[arm] = {
             "answers": n,
             "degraded": degraded / n if n else float("nan"),
+            "errors": errors.get(arm, 0.0) / n if n else float("nan"),
             "p50": histogram_quantile(cum, 0.5),
             "p99": histogram_quantile(cum, 0.99),
         }
     return out
 
 
-def status(base: str, settings: ServeSettings) -> str:
-    spec = current_spec(_driver(settings, None), base)
+def outcome_counts(store: StoreSettings, salt: str) -> list[ArmCounts] | str:
+    """The experiment's answers and conversions per arm and version from Redis (cluster-wide, since the salt's
+    first answer); the reason as text when Redis does not answer."""
+    from pipeline.featurestore.client import REDIS_ERRORS, redis_client
+    from pipeline.featurestore.outcomes import read_counts
+
+    try:
+        return read_counts(redis_client(store), store.project, salt)
+    except REDIS_ERRORS as exc:
+        return f"Redis at {store.redis} did not answer ({exc})"
+
+
+def _nan_none(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def status_report(
+    spec: RolloutSpec,
+    serving: dict[str, Any],
+    stats: dict[str, dict[str, float]],
+    counts: list[ArmCounts] | str,
+    state: str = "serving",
+) -> dict[str, Any]:
+    """Per arm: target and observed share of answers, requests, p50/p99, error and degraded rates (from `stats`,
+    since the replicas started), answers, conversions and hit rate with its Wilson 95% interval (from `counts`,
+    Redis's, since the experiment started), and Fisher's exact test (two-sided, alpha 0.05) against the champion
+    (models/hitrate.py). An arm's outcome counts are those of the version it serves now (`serving`, /readyz's arms),
+    or of all its versions when that is unknown. Shares are fractions; rates NaN-free (None when unknown)."""
+    rows = counts if isinstance(counts, list) else []
+    by_arm: dict[str, tuple[int, int]] = {}
+    for a in spec.arms:
+        version = (serving.get(a.name) or {}).get("model_version")
+        mine = [c for c in rows if c.arm == a.name and (version is None or c.version == version)]
+        by_arm[a.name] = (sum(c.answers for c in mine), sum(c.converted for c in mine))
+    total = sum(n for n, _ in by_arm.values())
+    rates = {name: hit_rate(k, n) for name, (n, k) in by_arm.items()}
+    champion = rates[spec.champion.name]
+    arms = []
+    for a in spec.arms:
+        st, h = stats.get(a.name, {}), rates[a.name]
+        row: dict[str, Any] = {
+            "arm": a.name,
+            "role": a.role,
+            "model_version": (serving.get(a.name) or {}).get("model_version"),
+            "bundle": a.bundle,
+            "target_share": a.weight / 100.0,
+            "observed_share": by_arm[a.name][0] / total if total else None,
+            "requests": st.get("answers", 0.0),
+            "p50_ms": _nan_none(st.get("p50", math.nan)),
+            "p99_ms": _nan_none(st.get("p99", math.nan)),
+            "error_rate": _nan_none(st.get("errors", math.nan)),
+            "degraded_rate": _nan_none(st.get("degraded", math.nan)),
+            "answers": h.answers,
+            "conversions": h.converted,
+            "hit_rate": _nan_none(h.rate),
+            "hit_rate_ci95": [_nan_none(h.low), _nan_none(h.high)],
+            "vs_champion": None,
+        }
+        if a.role != "champion":
+            c = versus_champion(h, champion)
+            row["vs_champion"] = {
+                "difference": _nan_none(c.difference),
+                "p_value": _nan_none(c.p_value),
+                "significant": c.significant,
+            }
+        arms.append(row)
+    srm = sample_ratio_p([by_arm[a.name][0] for a in spec.arms], [a.weight for a in spec.arms])
+    return {
+        "salt": spec.salt,
+        "state": state,
+        "test": TEST_NAME,
+        "alpha": ALPHA,
+        "confidence": CONFIDENCE,
+        "sample_ratio_p": _nan_none(srm),
+        "outcomes": "ok" if isinstance(counts, list) else counts,
+        "arms": arms,
+    }
+
+
+def _fmt(value: float | None, spec: str, none: str = "-") -> str:
+    return none if value is None else format(value, spec)
+
+
+def render(report: dict[str, Any]) -> str:
+    """`status_report` as the table `recserve rollout status` prints."""
+    lines = [f"rollout (salt {report['salt']!r}), replica state: {report['state']}"]
+    lines.append(
+        f"  {'arm':<12}{'role':<11}{'target':>7}{'share':>7}{'requests':>9}{'p50 ms':>7}{'p99 ms':>7}{'errors':>7}"
+        f"{'degr.':>7}{'answers':>8}{'conv.':>7}{'hit rate [95% CI]':>24}{'vs champion':>30}  "
+        f"{'model_version':<18}bundle"
+    )
+    for a in report["arms"]:
+        low, high = a["hit_rate_ci95"]
+        hit = "-" if a["hit_rate"] is None else f"{a['hit_rate']:.3f} [{low:.3f}, {high:.3f}]"
+        vs = a["vs_champion"]
+        if vs is None:
+            versus = "(champion)"
+        elif vs["p_value"] is None:
+            versus = "no data"
+        else:
+            verdict = "significant" if vs["significant"] else "n.s."
+            p = "p<0.001" if vs["p_value"] < 0.001 else f"p={vs['p_value']:.3f}"
+            versus = f"{vs['difference']:+.3f} {p} {verdict}"
+        lines.append(
+            f"  {a['arm']:<12}{a['role']:<11}{a['target_share']:>7.1%}{_fmt(a['observed_share'], '.1%'):>7}"
+            f"{a['requests']:>9.0f}{_fmt(a['p50_ms'], '.1f'):>7}{_fmt(a['p99_ms'], '.1f'):>7}"
+            f"{_fmt(a['error_rate'], '.2%'):>7}{_fmt(a['degraded_rate'], '.2%'):>7}{a['answers']:>8}"
+            f"{a['conversions']:>7}{hit:>24}{versus:>30}  {a['model_version'] or '-':<18}{a['bundle']}"
+        )
+    srm = report["sample_ratio_p"]
+    lines.append(
+        f"  hit rate = answers converted by an add_to_cart or purchase of a shown item within the attribution window "
+        f"/ answers; {report['confidence']:.0%} Wilson intervals; {report['test']}, of each arm vs the champion at "
+        f"alpha {report['alpha']}; sample-ratio check p={_fmt(srm, '.3f')} (below 0.001: the assignment is broken)"
+    )
+    if report["outcomes"] != "ok":
+        lines.append(f"  outcomes unavailable: {report['outcomes']}")
+    lines.append(
+        "  (share, answers, conversions: Redis, cluster-wide since the salt's first answer; requests, latency, "
+        "errors and degraded share: Ray's metrics agent, since the replicas started)"
+    )
+    return "\n".join(lines)
+
+
+def status(base: str, settings: ServeSettings, as_json: bool = False) -> str:
+    """The table (or, with `as_json`, the JSON) of `status_report` for the running application."""
+    config = _driver(settings, None)
+    spec = current_spec(config, base)
     code, body = http_get(f"{base}/readyz", 5.0)
     detail = json.loads(body) if body.startswith("{") else {}
-    serving = detail.get("arms") or {}
     stats = arm_stats(f"http://127.0.0.1:{settings.metrics_port}/metrics")
-    lines = [f"rollout (salt {spec.salt!r}), replica state: {detail.get('rollout', f'unreachable ({code})')}"]
-    lines.append(
-        f"  {'arm':<12}{'role':<12}{'share %':>8}{'answers':>9}{'p50 ms':>8}{'p99 ms':>8}{'degraded':>10}  "
-        f"{'model_version':<20}bundle"
+    counts = outcome_counts(_store(config), spec.salt)
+    report = status_report(
+        spec, detail.get("arms") or {}, stats, counts, detail.get("rollout", f"unreachable ({code})")
     )
-    for a in spec.arms:
-        version = (serving.get(a.name) or {}).get("model_version", "-")
-        st = stats.get(a.name, {})
-        lines.append(
-            f"  {a.name:<12}{a.role:<12}{a.weight:>8.1f}{st.get('answers', 0):>9.0f}{st.get('p50', float('nan')):>8.1f}"
-            f"{st.get('p99', float('nan')):>8.1f}{st.get('degraded', float('nan')):>10.2%}  {version:<20}{a.bundle}"
-        )
-    lines.append("  (answers, latency and degraded share since the replicas started, from Ray's metrics agent)")
-    return "\n".join(lines)
+    return json.dumps(report, indent=2) if as_json else render(report)

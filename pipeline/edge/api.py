@@ -53,6 +53,7 @@ from models.errors import (
     UnsupportedMediaTypeError,
     WriteConflictError,
 )
+from models.realtime import EventRecord
 from pipeline.edge.auth import SCHEME, Guard, KeyRing, Requires, RequiresWithHeader
 from pipeline.edge.schemas import (
     NON_BLANK,
@@ -67,8 +68,9 @@ from pipeline.edge.schemas import (
 )
 from pipeline.featurestore.eventlog import EventLog
 from pipeline.featurestore.events import EventSettings, EventWriter, validate_events
+from pipeline.featurestore.outcomes import Outcomes
 from pipeline.featurestore.recovery import StoreWatch
-from pipeline.featurestore.store import require_redis
+from pipeline.featurestore.store import REDIS_ERRORS, require_redis
 from pipeline.serve.guard import CanaryGuard, LoadTurns, RollbackLedger
 from pipeline.serve.metrics import NullRecorder
 from pipeline.serve.request_id import given_request_id, request_id_for
@@ -133,12 +135,14 @@ class Api:
         bundle_key: Callable[[str], str] = str,
         ledger: RollbackLedger | None = None,
         turns: LoadTurns | None = None,
+        outcomes: Outcomes | None = None,
     ) -> None:
         """Once `start` runs: `watch` keeps the store's state current (and restores a lost store); `event_log`'s
         flusher drains accepted events into the hourly files (one replica at a time holds its lease). `load` makes
         the chain of another bundle, for a rollout's arms (chain/rollout.py); without it, rollouts are refused. With
         `ledger`, the canary guard runs too, and with `turns` the replicas load bundles one at a time
-        (pipeline/serve/guard.py)."""
+        (pipeline/serve/guard.py). `outcomes` records each answer as an exposure and attributes add_to_cart/purchase
+        events to the arm that showed the item (pipeline/featurestore/outcomes.py); its flusher runs from `start`."""
         self.rollout = Rollout(chain, str(chain.core.path), load, bundle_key, turns.turn if turns else None)
         self.watch = watch
         self.event_log = event_log
@@ -152,6 +156,7 @@ class Api:
         self._writer: EventWriter | None = None
         self._warmed = False
         self.recorder = recorder or NullRecorder()
+        self.outcomes = outcomes
 
     def _version(self, bundle: str) -> str:
         chain = self.rollout.arms.chains.get(bundle)
@@ -170,9 +175,31 @@ class Api:
 
     async def recommend(self, body: RecommendRequest, forced: str | None = None) -> Recommendation:
         """The user's arm answers, or the arm named `forced`; raises ConfigError naming an arm not in the rollout."""
-        return await self.rollout.recommend(
+        rec = await self.rollout.recommend(
             ChainQuery(user_id=body.user_id, k=body.k, exclude=tuple(body.exclude), query=body.query), forced
         )
+        self._exposed(rec)
+        return rec
+
+    def _exposed(self, rec: Recommendation) -> None:
+        # Outcomes: the answer as an exposure of its arm (buffered in memory, no I/O here). Errors per arm are
+        # counted where the arm answers (chain/rollout.Rollout.recommend).
+        if self.outcomes is not None:
+            salt = self.rollout.arms.spec.salt
+            self.outcomes.exposed(salt, rec.user_id, rec.arm, rec.model_version, [i.item_id for i in rec.items])
+
+    def _attribute(self, stored: dict[str, list[EventRecord]]) -> None:
+        # Outcomes: a failure here never turns accepted events into an error; they are stored already.
+        if self.outcomes is None:
+            return
+        try:
+            self.outcomes.attribute(self.rollout.arms.spec.salt, stored)
+        except REDIS_ERRORS as exc:
+            self.recorder.outcome("attribution_failed", sum(map(len, stored.values())))
+            log.warning("outcomes: attribution of %d users' events failed (%s)", len(stored), exc)
+        except Exception:  # a bug must not fail events that are stored: counted, logged with its trace
+            self.recorder.outcome("attribution_failed", sum(map(len, stored.values())))
+            log.exception("outcomes: attribution of %d users' events failed", len(stored))
 
     def rollout_status(self) -> dict[str, Any]:
         """The running rollout: `rollout` (serving, switching, or failed: <why>), `arms` (per arm served: role,
@@ -214,9 +241,10 @@ class Api:
         except InvalidEventError:
             self.recorder.events("rejected", len(raw) if isinstance(raw, list) else 1)
             raise
-        accepted = self.writer().write(events).accepted
-        self.recorder.events("accepted", accepted)
-        return accepted
+        result = self.writer().write(events)
+        self.recorder.events("accepted", result.accepted)
+        self._attribute(result.stored)
+        return result.accepted
 
     async def start(self) -> None:
         """Warm every path (the first call through each stage is slow and must not land on a customer), then start
@@ -234,6 +262,8 @@ class Api:
             if self.ledger is not None:
                 guard = CanaryGuard(self.rollout, self.ledger, self.recorder)
                 self._tasks.append(asyncio.create_task(guard.run(self._stop)))
+            if self.outcomes is not None:
+                self._tasks.append(asyncio.create_task(self.outcomes.run_flusher(self._stop)))
 
     async def stop(self) -> None:
         self._stop.set()

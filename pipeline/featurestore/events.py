@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -159,6 +159,8 @@ class WriteResult:
     accepted: int
     users: int
     repeats: int = 0  # accepted events whose event_id was already stored: not stored again
+    # Per user, the events this call stored (repeats left out), in the batch's order: what outcomes attribute.
+    stored: dict[str, list[EventRecord]] = field(default_factory=dict)
 
 
 def event_id_key(project: str, user_id: str, event_id: str) -> str:
@@ -352,7 +354,9 @@ class EventWriter:
             assert e.timestamp is not None  # validate_events fills it
             batch.add(e.user_id, EventRecord(e.item_id, e.event_type, _ms(e.timestamp)), e.event_id)
         self.update(list(batch.events), batch.append, batch)
-        return WriteResult(accepted=len(events), users=len(batch.events), repeats=len(events) - batch.stored)
+        return WriteResult(
+            accepted=len(events), users=len(batch.events), repeats=len(events) - batch.stored, stored=batch.fresh
+        )
 
     def update(self, users: Sequence[str], change: Change, batch: _Batch | None = None) -> int:
         """Read-modify-write the users' windows under their locks: log the changed rows, then push them.

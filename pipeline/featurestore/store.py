@@ -26,8 +26,6 @@ from feast.infra.online_stores.helpers import _mmh3, _redis_key
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from google.protobuf.timestamp_pb2 import Timestamp
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from chain.types import UserRow, numeric_values
 from feature_repo import definitions as defs
@@ -45,36 +43,20 @@ from models.features import (
 )
 from models.realtime import Realtime
 from models.snapshot import ITEM_FEATURES_FILE, USER_FEATURES_FILE
+
+# Re-exported: they live in client.py, which imports no Feast.
+from pipeline.featurestore.client import REDIS_ERRORS as REDIS_ERRORS
+from pipeline.featurestore.client import fast_retry as fast_retry
+from pipeline.featurestore.client import redis_client as redis_client
 from settings import StoreSettings
 
 if TYPE_CHECKING:
     from feast import FeatureStore
 
-REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 # The key format Feast writes with, read from the repo's own config so the two cannot drift.
 ENTITY_KEY_VERSION = int(
     re.search(r"^entity_key_serialization_version:\s*(\d+)", (defs.REPO / "feature_store.yaml").read_text(), re.M)[1]
 )
-
-
-def fast_retry() -> Retry:
-    # redis-py's default retries back off for about 8 s; a request must fail fast instead.
-    return Retry(ExponentialBackoff(cap=0.05, base=0.005), 2)
-
-
-def redis_client(settings: StoreSettings) -> redis.Redis:
-    """A client of the store's Redis with bounded waits and fast retries; it connects on first use."""
-    host, port = settings.host_port
-    params = dict(p.split("=", 1) for p in settings.redis.split(",")[1:] if "=" in p)
-    return redis.Redis(
-        host=host,
-        port=port,
-        db=int(params.get("db", 0)),
-        password=params.get("password"),
-        socket_connect_timeout=settings.connect_timeout_s,
-        socket_timeout=settings.socket_timeout_s,
-        retry=fast_retry(),
-    )
 
 
 def unavailable(settings: StoreSettings, exc: Exception) -> StoreUnavailableError:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from chain.knobs import Knobs
 from models.bundle import resolve
 from pipeline.featurestore.events import EventSettings
+from pipeline.featurestore.outcomes import OutcomeSettings
 from settings import PROJECT_ROOT, Settings, StoreSettings
 
 
@@ -27,6 +28,9 @@ class AppArgs(BaseModel):
     )
     store: StoreSettings = Field(default_factory=StoreSettings)
     events: EventSettings = EventSettings()
+    outcomes: OutcomeSettings = Field(
+        OutcomeSettings(), description="online outcomes of a rollout: attribution window, exposure flushing"
+    )
     knobs: Knobs = Field(Knobs(), description="initial runtime knobs; the Ingress's user_config overrides them")
     max_body_bytes: int = Field(
         1_000_000, ge=1024, le=100_000_000, description="a request body's limit, as sent and once decoded (413)"

@@ -35,8 +35,9 @@ from pipeline.edge.api import Api, build_api
 from pipeline.edge.auth import KeyRing
 from pipeline.featurestore.eventlog import EventLog, rebuild_realtime
 from pipeline.featurestore.events import EventWriter
+from pipeline.featurestore.outcomes import Outcomes
 from pipeline.featurestore.recovery import StoreWatch, bundle_materializer
-from pipeline.featurestore.store import OnlineFeatures, open_store
+from pipeline.featurestore.store import OnlineFeatures, open_store, redis_client
 from pipeline.serve.args import AppArgs
 from pipeline.serve.guard import LoadTurns, RollbackLedger
 from pipeline.serve.metrics import NullRecorder
@@ -148,6 +149,7 @@ def make_api(
         bundle_key=lambda path: str(settings.model_copy(update={"bundle": Path(path)}).bundle_path()),
         ledger=RollbackLedger(store),
         turns=LoadTurns(store),
+        outcomes=Outcomes(redis_client(store), store.project, settings.outcomes, rec),
     )
     try:
         api.writer()  # now, not inside the first POST /events (opening Feast's registry takes ~0.7 s)

@@ -102,6 +102,19 @@ class RayRecorder:
         self._share = metrics.Gauge(
             "recserve_arm_share", description="percent of users each arm serves now, in this replica", tag_keys=("arm",)
         )
+        # Online outcomes (pipeline/featurestore/outcomes.py): hit rate per arm in PromQL is
+        # rate(ray_recserve_arm_conversions_total) / rate(ray_recserve_arm_answers_total), summed by arm.
+        self._arm_conversions = metrics.Counter(
+            "recserve_arm_conversions",
+            description="answers converted by an add_to_cart or purchase of a shown item within the attribution "
+            "window, by rollout arm and bundle (once per answer)",
+            tag_keys=("arm", "version"),
+        )
+        self._outcomes = metrics.Counter(
+            "recserve_outcomes",
+            description="outcome bookkeeping: exposures_flushed, exposures_dropped, flush_failed, attribution_failed",
+            tag_keys=("outcome",),
+        )
         info = metrics.Gauge("recserve_model_info", description="the bundle served", tag_keys=("version", "topology"))
         info.set(1, tags={"version": version, "topology": topology})
 
@@ -146,3 +159,10 @@ class RayRecorder:
 
     def share(self, arm: str, percent: float) -> None:
         self._share.set(percent, tags={"arm": arm})
+
+    def conversion(self, arm: str, version: str) -> None:
+        self._arm_conversions.inc(1, tags={"arm": arm, "version": version})
+
+    def outcome(self, outcome: str, n: int) -> None:
+        if n:
+            self._outcomes.inc(n, tags={"outcome": outcome})
