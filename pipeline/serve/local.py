@@ -12,7 +12,7 @@ import contextlib
 import gc
 import logging
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,19 @@ def trim_heap() -> None:
     if libc:
         with contextlib.suppress(OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
             ctypes.CDLL(libc).malloc_trim(0)
+
+
+@contextlib.contextmanager
+def short_gil_turns(interval_s: float = 0.0005) -> Iterator[None]:
+    """While a bundle loads on a worker thread, the interpreter asks a thread holding the GIL to hand it over after
+    `interval_s` instead of the default 5 ms (sys.setswitchinterval): each request the event loop serves meanwhile
+    waits for the GIL at every hand-over (each await on a socket or a stage's thread), so 5 ms a time adds up."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(interval_s)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
 
 
 def local_stages(core: ServingCore, threads: int, compile_cache: Path | None = None) -> LocalStages:
@@ -132,7 +145,8 @@ def make_api(
     async def load(path: str) -> Chain:
         # A thread at the process's own priority: niced, it was preempted while holding the GIL, and the event
         # loop waited on it (p99 at 40 req/s rose from 58 to 710 ms during switches).
-        return await asyncio.to_thread(arm_chain, Path(path))
+        with short_gil_turns():
+            return await asyncio.to_thread(arm_chain, Path(path))
 
     def writer() -> EventWriter:
         return EventWriter(open_store(store), store, settings.events)
