@@ -104,6 +104,7 @@ class Chain:
         self.fetcher = ContextFetcher(store, core.snapshot, store_state)
         self.stages = ChaosStages(stages)
         self._store_state = store_state
+        self._loud = recorder  # what a twin that is not quiet records into, even when this chain is a quiet one
         self.recorder = recorder
         # Per stage: consecutive failures, and until when it is skipped. A model replica that died leaves calls
         # hanging to the deadline (about 60 ms each in the distributed app) until Ray replaces it, ~25 s here;
@@ -117,14 +118,10 @@ class Chain:
     def twin(self, quiet: bool = False) -> Chain:
         """Another chain over the same loaded bundle, store and stages, with knobs and circuit breakers of its own
         (and, `quiet`, no metrics): an arm whose knobs differ, or a shadow, without loading the bundle twice."""
-        return Chain(
-            self.core,
-            self.store,
-            self.stages.inner,
-            self.knobs,
-            NullRecorder() if quiet else self.recorder,
-            self._store_state,
-        )
+        recorder = NullRecorder() if quiet else self._loud
+        twin = Chain(self.core, self.store, self.stages.inner, self.knobs, recorder, self._store_state)
+        twin._loud = self._loud
+        return twin
 
     def reconfigure(self, knobs: Knobs) -> None:
         self.knobs = knobs

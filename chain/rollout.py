@@ -203,8 +203,12 @@ class Arms(Generic[C]):
     def champion(self) -> C:
         return self.chains[self.spec.champion.key]
 
+    def by_bundle(self) -> dict[str, C]:
+        """A loaded chain per bundle (an arm's own chains share their bundle's models and data)."""
+        return {a.bundle: self.chains[a.key] for a in self.spec.arms}
+
     def weight(self, arm: ArmSpec) -> float:
-        """The arm's share now: a rolled-back canary's users are the champion's."""
+        """The arm's share now: a rolled-back canary's users are the champion's (a shadow's: of requests)."""
         if arm.name in self.rolled_back:
             return 0.0
         if arm.role == "champion":
@@ -281,11 +285,11 @@ def agreement(primary: list[str], other: list[str], k: int = 10) -> tuple[float,
     from scipy.stats import kendalltau  # scipy's import is slow; only shadow work needs it
 
     a, b = primary[:k], other[:k]
-    common = [x for x in a if x in set(b)]
+    where = {x: i for i, x in enumerate(b)}
+    common = [x for x in a if x in where]
     overlap = len(common) / k
     if len(common) < 2:
         return overlap, None
-    where = {x: i for i, x in enumerate(b)}
     tau = kendalltau(range(len(common)), [where[x] for x in common]).statistic
     return overlap, None if np.isnan(tau) else float(tau)
 
@@ -429,8 +433,8 @@ class Rollout:
 
     def roll_back(self, rolled_back: Mapping[str, str]) -> list[str]:
         """Serves these canary arms' users from the champion (name -> why); the arms newly rolled back."""
-        new = {n: why for n, why in rolled_back.items() if n not in self.arms.rolled_back}
-        new = {n: why for n, why in new.items() if any(a.name == n and a.role == "canary" for a in self.arms.spec.arms)}
+        canaries = {a.name for a in self.arms.spec.arms if a.role == "canary"}
+        new = {n: why for n, why in rolled_back.items() if n in canaries and n not in self.arms.rolled_back}
         if new:
             self.arms = replace(self.arms, rolled_back={**self.arms.rolled_back, **new})
             for name, why in new.items():
@@ -457,8 +461,7 @@ class Rollout:
         spec = self.normalized(spec)
         if spec == self.state.target:
             return
-        loaded = {k.partition("#")[0] for k in self.arms.chains}
-        new = {a.bundle for a in spec.arms} - loaded
+        new = {a.bundle for a in spec.arms} - set(self.arms.by_bundle())
         if new and self._load is None:
             raise ConfigError(
                 f"this replica cannot load other bundles ({', '.join(sorted(new))}): it was built without a bundle "
@@ -481,7 +484,7 @@ class Rollout:
 
     async def _switch(self, spec: RolloutSpec) -> None:
         chains: dict[str, Chain] = {}
-        bundles = {k.partition("#")[0]: c for k, c in self.arms.chains.items()}
+        bundles = self.arms.by_bundle()
         for arm in spec.arms:
             if arm.key in chains:
                 continue

@@ -158,8 +158,8 @@ class Api:
         self.recorder = recorder or NullRecorder()
         self.outcomes = outcomes
 
-    def _version(self, bundle: str) -> str:
-        chain = self.rollout.arms.chains.get(bundle)
+    def _version(self, key: str) -> str:
+        chain = self.rollout.arms.chains.get(key)
         return chain.core.version if chain is not None else "loading"
 
     def writer(self) -> EventWriter:
@@ -213,7 +213,7 @@ class Api:
                 a.name: {
                     "role": a.role,
                     "weight": a.weight,
-                    "share": arms.weight(a) if a.role != "shadow" else a.weight,
+                    "share": arms.weight(a),
                     "model_version": self._version(a.key),
                     "bundle": a.bundle,
                     "rolled_back": arms.rolled_back.get(a.name),

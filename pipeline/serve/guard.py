@@ -44,15 +44,9 @@ class RollbackLedger:
     """The rollbacks of one experiment, shared by the replicas: a Redis hash, arm -> why."""
 
     def __init__(self, settings: StoreSettings, client: redis.Redis | None = None) -> None:
+        """`client`: the replica's Redis client, shared (default: one of its own; it connects on first use)."""
         self.project = settings.project
-        self._settings = settings
-        self._client = client
-
-    @property
-    def client(self) -> redis.Redis:
-        if self._client is None:  # made on first use: no connection from a constructor
-            self._client = redis_client(self._settings)
-        return self._client
+        self.client = client or redis_client(settings)
 
     def read(self, digest: str) -> dict[str, str]:
         raw = self.client.hgetall(rollbacks_key(self.project, digest))
@@ -77,8 +71,9 @@ class LoadTurns:
 
     def __init__(self, settings: StoreSettings, hold_s: float = 30.0, client: redis.Redis | None = None) -> None:
         """`hold_s`: the longest one replica may hold the turn (its lock expires then, e.g. if the replica died),
-        and the longest another waits for it."""
-        self.ledger = RollbackLedger(settings, client)
+        and the longest another waits for it. `client` as for RollbackLedger."""
+        self.key = load_turn_key(settings.project)
+        self.client = client or redis_client(settings)
         self.hold_s = hold_s
 
     @contextlib.asynccontextmanager
@@ -87,8 +82,8 @@ class LoadTurns:
         began = time.monotonic()
         lock = None
         try:
-            candidate = self.ledger.client.lock(
-                load_turn_key(self.ledger.project),
+            candidate = self.client.lock(
+                self.key,
                 timeout=self.hold_s,
                 sleep=0.05,
                 blocking_timeout=self.hold_s,

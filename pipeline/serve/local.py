@@ -151,6 +151,7 @@ def make_api(
     def writer() -> EventWriter:
         return EventWriter(open_store(store), store, settings.events)
 
+    shared = redis_client(store)  # one connection pool for the rollout's state in Redis (it connects on first use)
     api = Api(
         chain,
         store,
@@ -161,9 +162,9 @@ def make_api(
         event_log,
         load=load,
         bundle_key=lambda path: str(settings.model_copy(update={"bundle": Path(path)}).bundle_path()),
-        ledger=RollbackLedger(store),
-        turns=LoadTurns(store),
-        outcomes=Outcomes(redis_client(store), store.project, settings.outcomes, rec),
+        ledger=RollbackLedger(store, shared),
+        turns=LoadTurns(store, client=shared),
+        outcomes=Outcomes(shared, store.project, settings.outcomes, rec),
     )
     try:
         api.writer()  # now, not inside the first POST /events (opening Feast's registry takes ~0.7 s)
