@@ -100,10 +100,11 @@ class StoreSettings(_Section):
         pattern=r"^[A-Za-z][A-Za-z0-9_]{0,63}$",
         description="Feast project: it suffixes every Redis key, so projects never share rows",
     )
-    registry: Path = Field(
+    registry: Path | str = Field(
         FEATURE_REPO / "data" / "registry.db",
         validation_alias="RECSERVE_FEAST_REGISTRY",
-        description="the local registry file",
+        description="the Feast registry: a local file, or an s3:// URI (Feast's S3 registry store) so that every "
+        "node of a cluster reads the same definitions",
     )
     event_log_dir: Path = Field(
         None,  # type: ignore[assignment]  # filled per project by _per_project_log
@@ -134,6 +135,16 @@ class StoreSettings(_Section):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.resolve()
+
+    @field_validator("registry", mode="before")
+    @classmethod
+    def _registry(cls, value: Any) -> Any:
+        # A URI stays a string (a Path would fold s3:// into s3:/); anything else is a local file.
+        return value if isinstance(value, str) and "://" in value else Path(value)
+
+    @property
+    def registry_is_remote(self) -> bool:
+        return isinstance(self.registry, str)
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -330,6 +341,11 @@ class Settings(_Section):
     )
     compile_cache: Path = Field(
         Path(tempfile.gettempdir()), description="where the blender's compiled trees are cached (recserve-lleaves/)"
+    )
+    bundle_cache: Path = Field(
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "recserve" / "bundles",
+        description="this node's cache of bundles fetched by URI (s3://...), shared by the node's replicas; each "
+        "bundle is installed once, verified, under <version>-<digest>/",
     )
     feast_bundle: Path | None = Field(
         None,

@@ -47,7 +47,10 @@ class ArmSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=ARM_NAME, description="the arm's label in answers and metrics, e.g. champion, canary")
-    bundle: str = Field(min_length=1, description="bundle directory; relative paths resolve from the artifacts root")
+    bundle: str = Field(
+        min_length=1,
+        description="bundle directory (relative paths resolve from the artifacts root) or URI (s3://.../<version>/)",
+    )
     weight: float = Field(
         ge=0, le=100, description="percent of users assigned to this arm; a shadow's: percent of requests mirrored"
     )

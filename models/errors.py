@@ -34,6 +34,10 @@ class BundleIntegrityError(BundleError):
     """A bundle file is missing, altered or does not match the manifest."""
 
 
+class BundleStoreError(BundleError):
+    """The object store holding a bundle cannot be reached or refuses the request."""
+
+
 class SchemaMismatchError(BundleError):
     """The bundle's feature schema differs from the one this code computes."""
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from models.data import CleanData, load_clean  # noqa: E402
+from tests.support.s3_server import OwnS3  # noqa: E402
 
 ROOT = PROJECT_ROOT
 DATA = DATA_FILE
@@ -100,3 +102,22 @@ def full_bundle(tmp_path_factory) -> Trained:
     out = recserve("train", "--out", str(out_dir), "--version", "full", "--quiet")
     assert out.returncode == 0, out.stderr
     return Trained(out_dir / "full", out.stdout)
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[OwnS3]:
+    """A real S3 API server (moto's server mode) of the session's own, on a free port."""
+    server = OwnS3()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(s3: OwnS3, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """This process's AWS variables pointed at the test's S3 server (pyarrow and boto3 read them per client)."""
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)
+    return s3.env()

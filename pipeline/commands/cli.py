@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from settings import Settings
 
 ARTIFACTS_HELP = "artifacts root (default: RECSERVE_ARTIFACTS, else the project's artifacts/)"
+BUNDLE_HELP = "bundle directory or URI, e.g. s3://bucket/bundles/<version>/ (default: the one artifacts/LATEST names)"
 
 
 def _date(text: str) -> dt.date:
@@ -32,10 +33,14 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def _bundle(args: argparse.Namespace, settings: Settings) -> Path:
-    """--bundle, else the one LATEST names under --artifacts (else the settings' artifacts root)."""
+    """--bundle (a URI is fetched into this node's cache and verified), else the one LATEST names under
+    --artifacts (else the settings' artifacts root)."""
     from models import bundle as bundle_mod
+    from models.remote import is_uri, localize
 
-    return bundle_mod.resolve(args.bundle, args.artifacts or settings.artifacts)
+    if args.bundle is not None and is_uri(args.bundle):
+        return localize(args.bundle, settings.bundle_cache)
+    return bundle_mod.resolve(args.bundle and Path(args.bundle), args.artifacts or settings.artifacts)
 
 
 def _data(args: argparse.Namespace) -> Path:
@@ -45,12 +50,15 @@ def _data(args: argparse.Namespace) -> Path:
 
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from models.remote import is_uri
     from models.settings import TrainSettings
     from training.train import train
 
+    publish_to = args.out if args.out and is_uri(args.out) else None
     result = train(
         data_path=_data(args),
-        out=args.out or settings.artifacts,
+        # Trained locally (under the artifacts root) first, then published: a URI never holds half a bundle.
+        out=Path(args.out) if args.out and not publish_to else settings.artifacts,
         cutoff=args.cutoff,
         version=args.version,
         settings=_load_settings(args.settings) if args.settings else TrainSettings(),
@@ -62,6 +70,30 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         f"trained bundle {result.manifest.version} at {result.path} in {result.seconds:.0f} s "
         f"(cutoff {ev.split['cutoff'][:10]}); {ev.summary()}"
     )
+    if publish_to:
+        print(f"published bundle {result.manifest.version} to {_publish(result.path, publish_to)}")
+    return 0
+
+
+def _publish(directory: Path, uri: str) -> str:
+    from models.bundle import verified
+    from models.remote import publish
+
+    verified(directory)  # only a bundle whose every file matches its manifest goes out
+    return publish(directory, uri)
+
+
+def cmd_bundle_push(args: argparse.Namespace, settings: Settings) -> int:
+    uri = _publish(Path(args.directory), args.uri)
+    print(f"published bundle {Path(args.directory).name} to {uri}")
+    return 0
+
+
+def cmd_bundle_fetch(args: argparse.Namespace, settings: Settings) -> int:
+    from models.remote import localize
+
+    path = localize(args.uri, args.cache or settings.bundle_cache)
+    print(path)
     return 0
 
 
@@ -267,7 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
         "and evaluate the bundle on the holdout after the cutoff.",
     )
     train.add_argument("--cutoff", type=_date, help="split date YYYY-MM-DD (default: 30 days before the last invoice)")
-    train.add_argument("--out", type=Path, help=ARTIFACTS_HELP)
+    train.add_argument(
+        "--out",
+        help=f"{ARTIFACTS_HELP}; or a URI prefix (s3://bucket/bundles/): the bundle is trained under the artifacts "
+        "root, then published to <prefix>/<version>/, manifest last",
+    )
     train.add_argument("--version", help="bundle name (default: v<UTC timestamp>)")
     train.add_argument("--settings", type=Path, help="JSON file overriding TrainSettings fields")
     _data_and_quiet(train)
@@ -279,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score popularity, repeat-history, CF, content and the blend on the users who bought both "
         "before and after the bundle's cutoff.",
     )
-    ev.add_argument("--bundle", type=Path, help="bundle directory (default: the one artifacts/LATEST names)")
+    ev.add_argument("--bundle", help=BUNDLE_HELP)
     ev.add_argument("--artifacts", type=Path, help=ARTIFACTS_HELP)
     ev.add_argument("--json", type=Path, help="metrics JSON path (default: <bundle>/evaluation.json)")
     ev.add_argument("--plot", type=Path, help="PNG chart path (default: <bundle>/evaluation.png)")
@@ -295,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--requests", type=Path, required=True, help="JSON-lines file of requests")
     rep.add_argument("--out", type=Path, required=True, help="JSON-lines file of answers to write")
-    rep.add_argument("--bundle", type=Path, help="bundle directory (default: the one artifacts/LATEST names)")
+    rep.add_argument("--bundle", help=BUNDLE_HELP)
     rep.add_argument("--artifacts", type=Path, help=ARTIFACTS_HELP)
     rep.set_defaults(func=cmd_replay)
 
@@ -313,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("bench", cmd_features_bench, "time hydration reads and event-to-visible in a scratch project"),
     ):
         p = fsub.add_parser(name, help=text, description=text)
-        p.add_argument("--bundle", type=Path, help="bundle directory (default: the one artifacts/LATEST names)")
+        p.add_argument("--bundle", help=BUNDLE_HELP)
         p.add_argument("--artifacts", type=Path, help=ARTIFACTS_HELP)
         if name == "bench":
             p.add_argument("--reads", type=int, default=5000, help="hydration reads to time (default: %(default)s)")
@@ -350,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rsub = ro.add_subparsers(dest="rollout_command", metavar="ACTION", required=True)
     start = rsub.add_parser("start", help="add a bundle as a canary or an A/B challenger beside the champion")
-    start.add_argument("--bundle", type=Path, required=True, help="the candidate bundle's directory")
+    start.add_argument("--bundle", required=True, help="the candidate bundle's directory or URI (s3://...)")
     start.add_argument("--canary", type=_percent, metavar="PCT", help="percent of users on the candidate (canary)")
     start.add_argument("--ab", type=_percent, metavar="PCT", help="percent of users on the candidate (A/B test)")
     start.add_argument(
@@ -385,6 +421,23 @@ def build_parser() -> argparse.ArgumentParser:
             "GET /admin/rollout before anything changes",
         )
     ro.set_defaults(func=cmd_rollout)
+
+    bun = sub.add_parser(
+        "bundle",
+        help="publish a bundle to object storage, or fetch one into this node's cache",
+        description="Bundles by URI (s3://bucket/prefix/<version>/), through pyarrow.fs and the standard AWS "
+        "variables (AWS_ENDPOINT_URL for an S3 API server other than AWS). A publish writes every file, then the "
+        "manifest; a fetch verifies every file's sha256 and installs the bundle atomically (models/remote.py).",
+    )
+    bsub = bun.add_subparsers(dest="bundle_command", metavar="ACTION", required=True)
+    push = bsub.add_parser("push", help="verify DIR, then publish it under URI (a prefix, or <prefix>/<version>/)")
+    push.add_argument("directory", help="the bundle's directory")
+    push.add_argument("uri", help="s3://bucket/prefix/ (the bundle goes to <prefix>/<version>/)")
+    push.set_defaults(func=cmd_bundle_push)
+    fetch = bsub.add_parser("fetch", help="fetch URI into this node's cache, verified; print the local directory")
+    fetch.add_argument("uri", help="the bundle's URI, s3://bucket/prefix/<version>/")
+    fetch.add_argument("--cache", type=Path, help="the cache folder (default: RECSERVE_BUNDLE_CACHE)")
+    fetch.set_defaults(func=cmd_bundle_fetch)
 
     keys = sub.add_parser(
         "keys",

@@ -34,7 +34,9 @@ from chain.rollout import ArmSpec, Role, RolloutSpec
 from models.bundle import Manifest, verified
 from models.errors import ConfigError, RecserveError
 from models.hitrate import ALPHA, CONFIDENCE, TEST_NAME, hit_rate, sample_ratio_p, versus_champion
+from models.remote import is_uri
 from pipeline.commands.serve import http_get
+from pipeline.serve.args import local_bundle
 from pipeline.serve.metrics import histogram_quantile
 from settings import ServeSettings, StoreSettings
 
@@ -209,7 +211,7 @@ def deploy(spec: RolloutSpec, base: str, timeout_s: float, settings: ServeSettin
 
 
 def start(
-    bundle: Path,
+    bundle: str,
     canary: float | None,
     ab: float | None,
     salt: str | None,
@@ -223,18 +225,20 @@ def start(
     config = _driver(settings, None)
     current = current_spec(config, base)
     champion = current.champion
-    path, manifest, _ = verified(bundle.resolve())
+    # A URI stays the arm's name for the bundle (each replica fetches it on its node); a path becomes absolute.
+    ref = bundle if is_uri(bundle) else str(Path(bundle).resolve())
+    path, manifest, _ = verified(local_bundle(ref))
     from pipeline.featurestore.store import require_materialized  # Feast's import takes seconds: `start` only
 
     require_materialized(_store(config), manifest.version, path)
-    print(offline_gate(Path(champion.bundle), path, tolerance), flush=True)
+    print(offline_gate(local_bundle(champion.bundle), path, tolerance), flush=True)
     share = canary if canary is not None else ab
     arms = [champion.model_copy(update={"weight": 100.0 - (share or 0.0)})]
     if share is not None:
         role: Role = "canary" if canary is not None else "challenger"
-        arms.append(ArmSpec(name=role, bundle=str(path), weight=share, role=role))
+        arms.append(ArmSpec(name=role, bundle=ref, weight=share, role=role))
     if shadow is not None:
-        arms.append(ArmSpec(name="shadow", bundle=str(path), weight=shadow, role="shadow"))
+        arms.append(ArmSpec(name="shadow", bundle=ref, weight=shadow, role="shadow"))
     spec = RolloutSpec(
         salt=salt or f"{manifest.version}",
         arms=tuple(arms),

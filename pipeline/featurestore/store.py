@@ -98,7 +98,8 @@ def open_store(settings: StoreSettings) -> FeatureStore:
     from feast import FeatureStore
 
     require_redis(settings)
-    settings.registry.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(settings.registry, Path):
+        settings.registry.parent.mkdir(parents=True, exist_ok=True)
     return FeatureStore(repo_path=str(defs.REPO), config=repo_config(settings))
 
 

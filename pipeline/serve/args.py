@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from chain.knobs import Knobs
 from models.bundle import resolve
+from models.remote import is_uri, localize
 from pipeline.featurestore.events import EventSettings
 from pipeline.featurestore.outcomes import OutcomeSettings
 from settings import PROJECT_ROOT, Settings, StoreSettings
@@ -20,7 +21,11 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     topology: Literal["colocated", "distributed"] = "colocated"
-    bundle: Path | None = Field(None, description="bundle directory; default: the one <artifacts>/LATEST names")
+    bundle: str | None = Field(
+        None,
+        description="the bundle: a directory, or a URI (s3://bucket/prefix/<version>/) that each replica fetches "
+        "into its node's cache (RECSERVE_BUNDLE_CACHE); default: the directory <artifacts>/LATEST names",
+    )
     artifacts: Path = Field(
         default_factory=lambda: Settings().artifacts,
         description="default: RECSERVE_ARTIFACTS, else the project's artifacts/; relative paths resolve from the "
@@ -52,7 +57,16 @@ class AppArgs(BaseModel):
         0, ge=0, le=64, description="colocated: 0 runs the model stages inline; n > 0 on a pool of n threads"
     )
 
-    def bundle_path(self) -> Path:
+    def bundle_ref(self) -> str:
+        """The bundle as every replica is handed it: a URI as given, else an absolute directory."""
+        if self.bundle is not None and is_uri(self.bundle):
+            return self.bundle
         artifacts = self.artifacts if self.artifacts.is_absolute() else PROJECT_ROOT / self.artifacts
-        path = resolve(self.bundle, artifacts)
-        return (path if path.is_absolute() else PROJECT_ROOT / path).resolve()
+        path = resolve(Path(self.bundle) if self.bundle else None, artifacts)
+        return str((path if path.is_absolute() else PROJECT_ROOT / path).resolve())
+
+
+def local_bundle(ref: str) -> Path:
+    """The directory of the bundle `ref` names on this node: a URI is fetched into this node's cache
+    (RECSERVE_BUNDLE_CACHE) and every file verified, once per node (models/remote.py)."""
+    return localize(ref, Settings().bundle_cache)

@@ -13,7 +13,6 @@ code change to Serve: every replica restarts, the outage a rollout must avoid), 
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,7 @@ from models.content import ContentModel as ContentModelClass
 from models.content import pick_device
 from pipeline.edge.api import Api, build_api
 from pipeline.edge.auth import KeyRing
-from pipeline.serve.args import AppArgs
+from pipeline.serve.args import AppArgs, local_bundle
 from pipeline.serve.local import freeze_heap, make_api
 from pipeline.serve.metrics import RayRecorder
 from pipeline.serve.priority import low_priority
@@ -69,7 +68,7 @@ class CollaborativeFilter(_Multiplexed):
         freeze_heap()
 
     def _load(self, bundle: str) -> CFStage:
-        path, _, settings = verified(Path(bundle))
+        path, _, settings = verified(local_bundle(bundle))
         return CFStage(ALSModel.load(path, settings.cf), device=pick_device())
 
     async def retrieve(self, q: CFQuery) -> SourceList:
@@ -89,7 +88,7 @@ class ContentModel(_Multiplexed):
         freeze_heap()
 
     def _load(self, bundle: str) -> ContentStage:
-        path, _, _ = verified(Path(bundle))
+        path, _, _ = verified(local_bundle(bundle))
         return ContentStage(ContentModelClass.load(path, device=self.device)).warm()
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.003)
@@ -122,7 +121,7 @@ class Blender(_Multiplexed):
         freeze_heap()
 
     def _load(self, bundle: str) -> BlendStage:
-        path, _, _ = verified(Path(bundle))
+        path, _, _ = verified(local_bundle(bundle))
         return BlendStage(BlenderModel.load(path, num_threads=1, compile_cache=self.process.compile_cache))
 
     async def score(self, x: np.ndarray) -> np.ndarray:

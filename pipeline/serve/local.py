@@ -38,7 +38,7 @@ from pipeline.featurestore.events import EventWriter
 from pipeline.featurestore.outcomes import Outcomes
 from pipeline.featurestore.recovery import StoreWatch, bundle_materializer
 from pipeline.featurestore.store import OnlineFeatures, open_store, redis_client
-from pipeline.serve.args import AppArgs
+from pipeline.serve.args import AppArgs, local_bundle
 from pipeline.serve.guard import LoadTurns, RollbackLedger
 from pipeline.serve.metrics import NullRecorder
 from settings import PROJECT_ROOT, configure_process
@@ -101,7 +101,7 @@ def make_api(
 ) -> Api:
     """The ingress's Api over `stages`; None runs the models in this process (colocated), the blender's compiled
     trees cached in `compile_cache` (default: the temp dir). `recorder(version)` makes the metrics recorder."""
-    bundle = Path(str(settings.bundle))
+    bundle = local_bundle(settings.bundle_ref())  # a URI's bundle fetched into this node's cache, verified
     core = load_core(bundle)  # verifies every file's hash, once
     remote = stages
     stages = stages or local_stages(core, settings.stage_threads, compile_cache)
@@ -127,9 +127,9 @@ def make_api(
     store_state = (lambda: watch.status.state) if watch else None
     chain = Chain(core, features, stages, settings.knobs, rec, store_state=store_state)
 
-    def arm_chain(path: Path) -> Chain:
+    def arm_chain(ref: str) -> Chain:
         # A rollout arm's bundle: verified, refused unless materialized (NotMaterializedError names the command).
-        arm_core = load_core(path)
+        arm_core = load_core(local_bundle(ref))
         snap = arm_core.snapshot
         arm_features = OnlineFeatures.for_bundle(store, arm_core.version, snap.item_ids, snap.item_matrix)
         # Colocated: the arm's own models in this process. Distributed: the same model deployments, each call
@@ -137,7 +137,7 @@ def make_api(
         if remote is None:
             arm_stages: Stages = local_stages(arm_core, settings.stage_threads, compile_cache)
         else:
-            arm_stages = remote.for_bundle(str(path))
+            arm_stages = remote.for_bundle(ref)
         arm = Chain(arm_core, arm_features, arm_stages, settings.knobs, recorder(arm_core.version), store_state)
         trim_heap()  # what loading read and dropped (Arrow buffers, pandas frames) goes back to the OS
         return arm
@@ -146,7 +146,7 @@ def make_api(
         # A thread at the process's own priority: niced, it was preempted while holding the GIL, and the event
         # loop waited on it (p99 at 40 req/s rose from 58 to 710 ms during switches).
         with short_gil_turns():
-            return await asyncio.to_thread(arm_chain, Path(path))
+            return await asyncio.to_thread(arm_chain, path)
 
     def writer() -> EventWriter:
         return EventWriter(open_store(store), store, settings.events)
@@ -161,7 +161,7 @@ def make_api(
         watch,
         event_log,
         load=load,
-        bundle_key=lambda path: str(settings.model_copy(update={"bundle": Path(path)}).bundle_path()),
+        bundle_key=lambda ref: settings.model_copy(update={"bundle": ref}).bundle_ref(),
         ledger=RollbackLedger(store, shared),
         turns=LoadTurns(store, client=shared),
         outcomes=Outcomes(shared, store.project, settings.outcomes, rec),
@@ -209,7 +209,7 @@ def main() -> int:
         settings = settings_from_config(args.config)
         rollout = rollout_from_config(args.config)
         api = make_api(
-            settings.model_copy(update={"bundle": settings.bundle_path()}), compile_cache=process.compile_cache
+            settings.model_copy(update={"bundle": settings.bundle_ref()}), compile_cache=process.compile_cache
         )
     except RecserveError as exc:
         print(f"pipeline.serve.local: error: {exc}", file=sys.stderr)
