@@ -75,8 +75,8 @@ def render(overlay: Path) -> list[dict[str, Any]]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         raise ConfigError(
-            "kubectl is not on PATH: install it (Debian: apt-get install -y kubectl, or kubernetes-client) to render "
-            "deploy/k8s overlays"
+            "kubectl is not on PATH: install kubectl 1.27 or newer (its built-in kustomize renders `replacements`; "
+            "Debian's kubernetes-client 1.20 is too old) to render deploy/k8s overlays"
         )
     out = subprocess.run([kubectl, "kustomize", str(overlay)], capture_output=True, text=True, timeout=120)
     if out.returncode != 0:

@@ -16,7 +16,8 @@ import yaml
 from pipeline.deploycheck import k8s
 
 needs_kubectl = pytest.mark.skipif(
-    shutil.which("kubectl") is None, reason="kubectl is not on PATH: .ci/run installs it; nothing to render with"
+    shutil.which("kubectl") is None,
+    reason="kubectl is not on PATH: nothing renders deploy/k8s (install kubectl >= 1.27)",
 )
 CRD = k8s.crd_path()
 needs_crd = pytest.mark.skipif(
@@ -27,7 +28,7 @@ needs_crd = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[dict[str, Any]]]:
     if shutil.which("kubectl") is None:
-        pytest.skip("kubectl is not on PATH: .ci/run installs it; nothing to render with")
+        pytest.skip("kubectl is not on PATH: nothing renders deploy/k8s (install kubectl >= 1.27)")
     return {name: k8s.render(k8s.OVERLAYS_DIR / name) for name in k8s.OVERLAYS}
 
 
