@@ -275,6 +275,23 @@ def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_deploy_check_k8s(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.deploycheck import k8s
+
+    crd = k8s.crd_path()
+    if crd is None:
+        print(f"note: no {k8s.CRD_FILE} in <repo>/../shared/k8s/: the RayService is not checked against its CRD")
+    failed = 0
+    for name in args.overlays or k8s.OVERLAYS:
+        overlay = Path(name) if "/" in name else k8s.OVERLAYS_DIR / name
+        problems = k8s.check_overlay(overlay, crd, app_args=not args.no_app_args)
+        for problem in problems:
+            print(f"{overlay}: {problem}")
+        print(f"{overlay}: {'ok' if not problems else f'{len(problems)} problem(s)'}")
+        failed += bool(problems)
+    return 1 if failed else 0
+
+
 def _percent(text: str) -> float:
     try:
         value = float(text)
@@ -438,6 +455,26 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("uri", help="the bundle's URI, s3://bucket/prefix/<version>/")
     fetch.add_argument("--cache", type=Path, help="the cache folder (default: RECSERVE_BUNDLE_CACHE)")
     fetch.set_defaults(func=cmd_bundle_fetch)
+
+    dep = sub.add_parser(
+        "deploy",
+        help="check deployment manifests without a cluster",
+        description="Checks of deploy/ that need no cluster.",
+    )
+    dsub = dep.add_subparsers(dest="deploy_command", metavar="ACTION", required=True)
+    ck = dsub.add_parser(
+        "check-k8s",
+        help="render deploy/k8s overlays and check them: CRD schema, Serve config, app args, fit, Kubernetes schemas",
+        description="Render each overlay with `kubectl kustomize` (offline) and check the RayService against "
+        "KubeRay's CRD (strict), its serveConfigV2 against Ray Serve's schema and the app's AppArgs, that every "
+        "deployment's replicas fit the worker group its label_selector picks, and the other objects against "
+        "Kubernetes' schemas (pipeline/deploycheck/k8s.py). Exit 1 when any problem is found.",
+    )
+    ck.add_argument("overlays", nargs="*", metavar="OVERLAY", help="gpu, cpu-only or a path (default: both)")
+    ck.add_argument(
+        "--no-app-args", action="store_true", help="skip the AppArgs check (it imports torch and Feast: ~15 s)"
+    )
+    ck.set_defaults(func=cmd_deploy_check_k8s)
 
     keys = sub.add_parser(
         "keys",
