@@ -278,11 +278,6 @@ def check_app(config: dict[str, Any]) -> list[Problem]:
         if import_path != "pipeline.serve.app:build_app":
             continue  # another builder's args are its own business
         args = dict(app.get("args") or {})
-        bundle = args.get("bundle")
-        if isinstance(bundle, str) and "://" in bundle and not _holds_uri(AppArgs, bundle):
-            # TODO(bundle URIs): AppArgs.bundle is still a Path, which turns s3://x into s3:/x; validate the other
-            # args until AppArgs.bundle accepts a URI string (being built), then drop this branch.
-            args.pop("bundle")
         try:
             AppArgs.model_validate(args)
         except ValidationError as exc:
@@ -293,13 +288,6 @@ def check_app(config: dict[str, Any]) -> list[Problem]:
                 for e in exc.errors()
             ]
     return problems
-
-
-def _holds_uri(app_args: Any, uri: str) -> bool:
-    try:
-        return str(app_args.model_validate({"bundle": uri}).bundle) == uri
-    except Exception:  # a refusal of the URI is the answer too
-        return False
 
 
 # --- fit: replicas against worker groups -------------------------------------------------------------------------
