@@ -85,6 +85,11 @@ def ray_env(settings: ServeSettings, tuned: bool = True, threads: ThreadSettings
         "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(settings.fallback_grpc_port),
         # Serve is shut down before the head gets SIGTERM, so the node has nothing left to drain.
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2",
+        # Said explicitly: with it unset, Ray 2.60 turns token authentication on for a head whenever
+        # ~/.ray/auth_token exists (any local ray.init() writes one), and a `serve run` driver beside it, not
+        # given the token, is refused. A cluster that uses tokens sets RAY_AUTH_MODE=token and RAY_AUTH_TOKEN on
+        # every node and driver (README: "Run on a cluster"); the operator's value wins.
+        "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
     }
     if not tuned:
         return env
@@ -158,7 +163,14 @@ class RayHead:
     """A Ray head this process started (`ray start --head --block`), in a process session of its own, so that stopping
     it reaches exactly its processes: SIGTERM to the head, then SIGKILL to whatever is left in its session."""
 
-    def __init__(self, settings: ServeSettings, env: dict[str, str], num_cpus: int | None, log: Path) -> None:
+    def __init__(
+        self,
+        settings: ServeSettings,
+        env: dict[str, str],
+        num_cpus: int | None,
+        log: Path,
+        labels: dict[str, str] | None = None,
+    ) -> None:
         s = settings
         cmd = [
             _bin("ray"),
@@ -178,6 +190,8 @@ class RayHead:
         ]
         if num_cpus:
             cmd.append(f"--num-cpus={num_cpus}")
+        if labels:  # Ray node labels, which Serve's label_selector matches (deploy/serve_config.cluster.yaml)
+            cmd.append("--labels=" + ",".join(f"{k}={v}" for k, v in labels.items()))
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
@@ -196,31 +210,37 @@ class RayHead:
                 raise RecserveError(f"the Ray head did not open port {self.port} in {timeout_s:.0f} s: see {self.log}")
             time.sleep(0.3)
 
-    def session_pids(self) -> list[int]:
-        """The processes still in the head's session (its gcs, raylet, workers and their children, HAProxy)."""
-        import psutil
-
-        sid = self.proc.pid
-        out = []
-        for p in psutil.process_iter(["pid"]):
-            try:
-                if p.pid != sid and os.getsid(p.pid) == sid:
-                    out.append(p.pid)
-            except (ProcessLookupError, PermissionError):
-                continue
-        return out
-
     def stop(self, timeout_s: float = 40) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # Ray's own shutdown of the processes it started
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for pid in self.session_pids():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        stop_session(self.proc, timeout_s)
+
+
+def session_pids(leader: int) -> list[int]:
+    """The processes still in the session `leader` started (a Ray node's gcs, raylet, workers, their children)."""
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if p.pid != leader and os.getsid(p.pid) == leader:
+                out.append(p.pid)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return out
+
+
+def stop_session(proc: subprocess.Popen, timeout_s: float = 40) -> None:
+    """Stop a `ray start --block` this process started in a session of its own: SIGTERM (Ray's own shutdown of the
+    node's processes), then SIGKILL to whatever is left in that session. Nothing else is touched."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for pid in session_pids(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 _STATUS = """
