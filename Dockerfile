@@ -42,8 +42,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10001:10001
 WORKDIR /home/recserve
 EXPOSE 8000 8080
-# Healthy once /readyz answers 200: every replica warm and the bundle's rows in Redis (a fresh Redis is filled by the
-# service itself). Ray, the models' load and the rows take a minute or two on 2 cores: hence the start period.
+# Healthy once /readyz answers 200: every replica warm and the bundle's rows in Redis (`recserve features materialize`
+# loads them first: compose.yaml's `features`). Ray and the models take a minute or two on 2 cores: the start period.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4)"]
 # SIGTERM (docker stop) shuts Serve down and stops the Ray head it started; run with an init (compose: init: true)
