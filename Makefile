@@ -58,9 +58,12 @@ demo: venv redis
 	$(BIN)/recserve features materialize
 	$(BIN)/recserve serve
 
+# The container files too: hadolint at zero warnings, compose.yaml against the Compose spec's schema (vendored: offline).
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec compose.yaml
 
 test: venv redis lint
 	$(BIN)/python -m pytest tests
