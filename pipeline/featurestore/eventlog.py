@@ -39,7 +39,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -450,7 +450,7 @@ def restore_window(logged: Realtime, current: Realtime, now_ms: int, settings: W
     )
 
 
-def rebuild_realtime(log: EventLog, writer: EventWriter, batch_users: int = 200) -> int:
+def rebuild_realtime(log: EventLog, writer: EventWriter | Callable[[], EventWriter], batch_users: int = 200) -> int:
     """After a total loss of Redis's data: write each logged user's window back through the writer's push path
     (logged too), under the user's lock, merged with what the store holds for the user now (`restore_window`).
     Returns the users whose row was written. A user whose stored row already holds the logged state is left
@@ -458,12 +458,12 @@ def rebuild_realtime(log: EventLog, writer: EventWriter, batch_users: int = 200)
 
     The lost state of a user the store has no row for is the user's newest logged row. Where the store has one,
     it was written since the loss and started a new lineage; the lost state is the newest row before that start.
+    `writer` may be a callable that makes the writer, called only when there is something to write.
     Raises StoreUnavailableError or WriteConflictError like a write does; rerun it then."""
     try:
         lineages = Lineages(log).load()
     except REDIS_ERRORS as exc:
         raise unavailable(log.settings, exc) from None
-    settings = writer.settings.window
 
     def change(current: dict[str, tuple[Realtime, int]], now_ms: int) -> dict[str, Realtime]:
         # Under the batch's locks: what these users logged since the load is final now, so take it in.
@@ -481,4 +481,11 @@ def rebuild_realtime(log: EventLog, writer: EventWriter, batch_users: int = 200)
         return out
 
     users = sorted(lineages.newest)
+    if not users:
+        # Nothing logged: nothing to write, and no writer to make. (Making one needs Feast's definitions in the
+        # registry, which a brand-new deployment's store gets only from the batch rows' restore after this.)
+        return 0
+    if callable(writer):  # an EventWriter is not callable; a factory is
+        writer = writer()
+    settings = writer.settings.window  # read by change(), which runs inside writer.update
     return sum(writer.update(users[lo : lo + batch_users], change) for lo in range(0, len(users), batch_users))

@@ -2,10 +2,10 @@
 (the artifacts root, the feature store) comes from the process settings (settings.Settings), read where the app
 is built; each replica is handed the resolved values."""
 
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from chain.knobs import Knobs
 from models.bundle import resolve
@@ -56,6 +56,11 @@ class AppArgs(BaseModel):
     stage_threads: int = Field(
         0, ge=0, le=64, description="colocated: 0 runs the model stages inline; n > 0 on a pool of n threads"
     )
+
+    @field_validator("bundle", mode="before")
+    @classmethod
+    def _path_or_uri(cls, value: object) -> object:
+        return str(value) if isinstance(value, PurePath) else value  # a directory given as a Path
 
     def bundle_ref(self) -> str:
         """The bundle as every replica is handed it: a URI as given, else an absolute directory."""

@@ -122,7 +122,7 @@ def make_api(
             store,
             core.version,
             bundle_materializer(store, bundle),
-            rebuild_events=lambda: rebuild_realtime(event_log, api.writer()),
+            rebuild_events=lambda: rebuild_realtime(event_log, api.writer),
         )
     store_state = (lambda: watch.status.state) if watch else None
     chain = Chain(core, features, stages, settings.knobs, rec, store_state=store_state)
