@@ -130,3 +130,24 @@ async def _readyz_is(http: httpx.AsyncClient, status: int, state: str) -> bool:
 
 async def _not_degraded(recommend, user: str) -> bool:
     return not (await recommend(user))["degraded"]
+
+
+def test_the_watch_reports_each_state_it_sees(tmp_path):
+    """What the replica's feature-store gauge receives: the real Redis with and without the bundle's marker, and a
+    port where nothing answers."""
+    import uuid
+
+    from pipeline.featurestore.recovery import StoreWatch
+
+    seen: list[str] = []
+    settings = StoreSettings(project=f"watch_{uuid.uuid4().hex[:12]}", registry=tmp_path / "registry.db")
+    watch = StoreWatch(settings, "v1", materialize=lambda: None, report=seen.append)
+    assert watch.check().state == "empty"
+    watch.client.set(watch.marker, "{}")
+    try:
+        assert watch.check().state == "ok"
+    finally:
+        watch.client.delete(watch.marker)
+    down = settings.model_copy(update={"redis": "127.0.0.1:1"})
+    assert StoreWatch(down, "v1", materialize=lambda: None, report=seen.append).check().state == "unreachable"
+    assert seen == ["empty", "ok", "unreachable"]
