@@ -520,6 +520,10 @@ class Edge:
                     # The one X-Request-ID: ours replaces any other.
                     kept = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
                     message["headers"] = [*kept, (b"x-request-id", rid.encode())]
+                # The ingress's own clock for this request (W3C Server-Timing, ms), what recserve_request_latency_ms
+                # records: a client sees how much of its wait was spent before the ingress began (queue, proxy).
+                took = (time.perf_counter() - started) * 1000
+                message["headers"] = [*message.get("headers", []), (b"server-timing", f"edge;dur={took:.2f}".encode())]
             await send(message)
 
         try:

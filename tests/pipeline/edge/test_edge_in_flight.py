@@ -4,6 +4,7 @@ work route's count, over a real ASGI app (one that holds its answer until the te
 from __future__ import annotations
 
 import asyncio
+import re
 
 import httpx
 
@@ -45,6 +46,7 @@ def test_work_routes_report_each_level_and_other_routes_none():
                 await asyncio.sleep(0.01)
             shed = await client.post("/recommend", json={"user_id": "u"})  # a third, over the limit of 2
             assert shed.status_code == 503 and shed.headers["retry-after"]
+            assert re.fullmatch(r"edge;dur=[0-9]+\.[0-9]{2}", shed.headers["server-timing"])  # the edge's clock
             assert (await client.get("/healthz")).status_code == 200  # not a work route: no level reported
             release.set()
             assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200]
