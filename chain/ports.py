@@ -85,3 +85,9 @@ class NullRecorder:
 
     def outcome(self, outcome: str, n: int) -> None:
         pass
+
+    def in_flight(self, n: int) -> None:
+        pass
+
+    def feature_store(self, state: str) -> None:
+        pass

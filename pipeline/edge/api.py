@@ -520,6 +520,10 @@ class Edge:
                     # The one X-Request-ID: ours replaces any other.
                     kept = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
                     message["headers"] = [*kept, (b"x-request-id", rid.encode())]
+                # The ingress's own clock for this request (W3C Server-Timing, ms), what recserve_request_latency_ms
+                # records: a client sees how much of its wait was spent before the ingress began (queue, proxy).
+                took = (time.perf_counter() - started) * 1000
+                message["headers"] = [*message.get("headers", []), (b"server-timing", f"edge;dur={took:.2f}".encode())]
             await send(message)
 
         try:
@@ -559,10 +563,12 @@ class Edge:
                 await _answer(rid, OverloadedError(over))(scope, receive, send)
                 return
             self.in_flight += work
+            self.record_in_flight(work)
             try:
                 await self.app(scope, replay, send)
             finally:
                 self.in_flight -= work
+                self.record_in_flight(work)
         except Exception:
             if status["started"]:
                 raise
@@ -570,6 +576,16 @@ class Edge:
             await _error(
                 rid, 500, f"internal error: retry; if it persists, report request_id {rid} (the service logs it)"
             )(scope, receive, send)
+
+    def record_in_flight(self, work: bool) -> None:
+        """The in-flight gauge, on each change of a work route's count (the level shedding compares)."""
+        if not work:
+            return
+        try:
+            recorder = self.recorder()
+        except Exception:  # no Api yet (a replica still starting): nothing to record into
+            return
+        recorder.in_flight(self.in_flight)
 
     async def read_body(self, scope: dict, receive: Callable) -> bytes | None:
         """The whole body, decoded; None when the client disconnected first. Raises BodyTooLargeError,

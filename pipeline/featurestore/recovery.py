@@ -65,6 +65,7 @@ class StoreWatch:
         interval_s: float = 0.5,
         lock_ttl_s: float = 120.0,
         client: redis.Redis | None = None,
+        report: Callable[[StoreState], None] | None = None,
     ) -> None:
         self.settings = settings
         self.version = version
@@ -72,6 +73,7 @@ class StoreWatch:
         self.lock_ttl_s = lock_ttl_s
         self._materialize = materialize
         self._rebuild_events = rebuild_events
+        self._report = report
         self.client = client or redis_client(settings)
         self._release = self.client.register_script(RELEASE_LOCK)
         self.status = StoreStatus("ok", "not checked yet", 0.0)
@@ -85,7 +87,14 @@ class StoreWatch:
         return marker_key(self.settings.project, self.version)
 
     def check(self) -> StoreStatus:
-        """One round trip: is Redis up, and are this bundle's rows there? Blocks at most the client's timeouts."""
+        """One round trip: is Redis up, and are this bundle's rows there? Blocks at most the client's timeouts.
+        Hands the state to `report` (the replica's feature-store gauge)."""
+        status = self._check()
+        if self._report is not None:
+            self._report(status.state)
+        return status
+
+    def _check(self) -> StoreStatus:
         host, port = self.settings.host_port
         now = time.monotonic()
         try:

@@ -110,12 +110,25 @@ class CanaryGuard:
         self.rollout = rollout
         self.ledger = ledger
         self.recorder = recorder
+        self._shown: set[str] = set()  # arms whose share this replica has exported
+
+    def report_shares(self) -> None:
+        """Each arm's share of users now (recserve_arm_share), every round and with or without a canary, so the
+        rollout's state is always on the dashboard; an arm that left the experiment goes to 0."""
+        arms = self.rollout.arms
+        now = {arm.name: arms.weight(arm) for arm in arms.spec.users_arms}
+        for name in self._shown - now.keys():
+            self.recorder.share(name, 0.0)
+        for name, percent in now.items():
+            self.recorder.share(name, percent)
+        self._shown |= now.keys()
 
     async def check(self) -> list[str]:
         """One round: this replica's verdicts, shared through the ledger, and the ledger's applied. The arms this
         replica rolled back in this round."""
         spec = self.rollout.arms.spec
         if not any(a.role == "canary" for a in spec.arms):
+            self.report_shares()
             return []
         found = self.rollout.check()
         try:
@@ -132,8 +145,7 @@ class CanaryGuard:
         if self.rollout.arms.spec is not spec:  # a switch landed meanwhile: these verdicts were about the old arms
             return []
         new = self.rollout.roll_back(shared)
-        for arm in spec.users_arms:
-            self.recorder.share(arm.name, self.rollout.arms.weight(arm))
+        self.report_shares()
         return new
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -123,6 +123,7 @@ def make_api(
             core.version,
             bundle_materializer(store, bundle),
             rebuild_events=lambda: rebuild_realtime(event_log, api.writer),
+            report=rec.feature_store,
         )
     store_state = (lambda: watch.status.state) if watch else None
     chain = Chain(core, features, stages, settings.knobs, rec, store_state=store_state)

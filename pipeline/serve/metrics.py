@@ -13,6 +13,7 @@ CANDIDATES = [10, 25, 50, 75, 100, 150, 200, 250, 300, 400, 500]
 AGREEMENT = [0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95, 1.0]  # overlap@10 moves in steps of 0.1
 # Ray's histograms take positive bounds only: Kendall's tau goes out as the concordant share of pairs, (1 + tau) / 2.
 CONCORDANCE = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0]
+STORE_STATES = ("ok", "empty", "unreachable")  # pipeline.featurestore.recovery.StoreState
 
 
 def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float:
@@ -115,6 +116,19 @@ class RayRecorder:
             description="outcome bookkeeping: exposures_flushed, exposures_dropped, flush_failed, attribution_failed",
             tag_keys=("outcome",),
         )
+        # Requests admitted and not yet answered, per replica: what the edge compares with max_in_flight before it
+        # sheds with 503 (pipeline/edge/api.py's Edge).
+        self._in_flight = metrics.Gauge(
+            "recserve_in_flight", description="requests in flight in this replica (work routes, admitted)"
+        )
+        self._in_flight.set(0)
+        # One series per state, 1 for the current one: a panel and an alert read every state, even a healthy one.
+        self._store = metrics.Gauge(
+            "recserve_feature_store_state",
+            description="the online store as this replica's watch last saw it: 1 for the current state "
+            "(ok, empty, unreachable), 0 for the others (pipeline/featurestore/recovery.py)",
+            tag_keys=("state",),
+        )
         info = metrics.Gauge("recserve_model_info", description="the bundle served", tag_keys=("version", "topology"))
         info.set(1, tags={"version": version, "topology": topology})
 
@@ -166,3 +180,10 @@ class RayRecorder:
     def outcome(self, outcome: str, n: int) -> None:
         if n:
             self._outcomes.inc(n, tags={"outcome": outcome})
+
+    def in_flight(self, n: int) -> None:
+        self._in_flight.set(n)
+
+    def feature_store(self, state: str) -> None:
+        for known in STORE_STATES:
+            self._store.set(1.0 if known == state else 0.0, tags={"state": known})

@@ -4,6 +4,7 @@ schedule whatever the answers do, so a stall shows as latency and failures, not 
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ class Outcome:
     retry_after: str | None
     degraded: bool
     error: str = ""
+    server_ms: float | None = None  # the ingress's own time for it (Server-Timing: edge;dur=...)
 
 
 @dataclass
@@ -31,6 +33,11 @@ class Run:
 
     def p99_ms(self) -> float:
         ms = sorted(o.ms for o in self.outcomes)
+        return ms[min(len(ms) - 1, int(0.99 * len(ms)))] if ms else float("nan")
+
+    def server_p99_ms(self) -> float:
+        """p99 of the ingress's own times for the answered requests (their Server-Timing header)."""
+        ms = sorted(o.server_ms for o in self.outcomes if o.server_ms is not None)
         return ms[min(len(ms) - 1, int(0.99 * len(ms)))] if ms else float("nan")
 
 
@@ -51,11 +58,22 @@ def open_loop(
                 try:
                     r = await client.post("/recommend", json=body(i))
                     degraded = r.status_code == 200 and bool(r.json().get("degraded"))
-                    out = Outcome(due, r.status_code, 0.0, r.headers.get("retry-after"), degraded, r.text[:120])
+                    timing = re.search(r"edge;dur=([0-9.]+)", r.headers.get("server-timing", ""))
+                    out = Outcome(
+                        due,
+                        r.status_code,
+                        0.0,
+                        r.headers.get("retry-after"),
+                        degraded,
+                        r.text[:120],
+                        float(timing[1]) if timing else None,
+                    )
                 except httpx.HTTPError as exc:
                     out = Outcome(due, 0, 0.0, None, False, f"{type(exc).__name__}: {exc}")
                 ms = (time.perf_counter() - t) * 1000
-                run.outcomes.append(Outcome(out.sent_at, out.status, ms, out.retry_after, out.degraded, out.error))
+                run.outcomes.append(
+                    Outcome(out.sent_at, out.status, ms, out.retry_after, out.degraded, out.error, out.server_ms)
+                )
 
             tasks = []
             for i in range(int(rate * seconds)):

@@ -161,3 +161,24 @@ def test_a_brand_new_deployment_fills_its_empty_store_by_itself(lost_redis, smal
 
     print(f"a first deploy on an empty store was ready {asyncio.run(scenario()):.1f} s after start")
     assert (tmp_path / "never-applied" / "registry.db").is_file()
+
+
+def test_the_watch_reports_each_state_it_sees(tmp_path):
+    """What the replica's feature-store gauge receives: the real Redis with and without the bundle's marker, and a
+    port where nothing answers."""
+    import uuid
+
+    from pipeline.featurestore.recovery import StoreWatch
+
+    seen: list[str] = []
+    settings = StoreSettings(project=f"watch_{uuid.uuid4().hex[:12]}", registry=tmp_path / "registry.db")
+    watch = StoreWatch(settings, "v1", materialize=lambda: None, report=seen.append)
+    assert watch.check().state == "empty"
+    watch.client.set(watch.marker, "{}")
+    try:
+        assert watch.check().state == "ok"
+    finally:
+        watch.client.delete(watch.marker)
+    down = settings.model_copy(update={"redis": "127.0.0.1:1"})
+    assert StoreWatch(down, "v1", materialize=lambda: None, report=seen.append).check().state == "unreachable"
+    assert seen == ["empty", "ok", "unreachable"]

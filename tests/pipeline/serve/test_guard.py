@@ -33,6 +33,7 @@ class Recording:
         self.rollbacks: list[tuple[str, str]] = []
         self.shadows: list[tuple[str, float, float | None, float | None]] = []
         self.answers: Counter[str] = Counter()
+        self.shares: list[tuple[str, float]] = []
 
     def __getattr__(self, name: str) -> Any:
         return lambda *args, **kwargs: None
@@ -45,6 +46,9 @@ class Recording:
 
     def shadow(self, outcome: str, ms: float, overlap: float | None, tau: float | None) -> None:
         self.shadows.append((outcome, ms, overlap, tau))
+
+    def share(self, arm: str, percent: float) -> None:
+        self.shares.append((arm, percent))
 
 
 @pytest.fixture
@@ -258,3 +262,29 @@ def test_replicas_take_turns_to_load_and_without_redis_nobody_waits(store_settin
             return waited
 
     assert asyncio.run(alone()) < 1.0
+
+
+def test_each_round_reports_every_arms_share_and_an_arm_that_left_goes_to_zero(
+    api, recording, small_bundle, second_bundle, store_settings
+):
+    """recserve_arm_share is the dashboard's rollout state: exported with or without a canary, never stale."""
+    spec = canary(small_bundle, second_bundle, None, salt=f"shares-{time.time_ns()}")
+    single = RolloutSpec.single(str(small_bundle))
+
+    async def scenario() -> tuple[list, list]:
+        guard = CanaryGuard(api.rollout, RollbackLedger(store_settings), recording)
+        api.reconfigure({"rollout": spec.model_dump(mode="json")})
+        await api.rollout.wait(timeout_s=120)
+        await guard.check()
+        during, recording.shares[:] = list(recording.shares), []
+        api.reconfigure({"rollout": single.model_dump(mode="json")})
+        await api.rollout.wait(timeout_s=120)
+        await guard.check()
+        return during, list(recording.shares)
+
+    try:
+        during, after = asyncio.run(scenario())
+    finally:
+        clear(store_settings, spec, api)
+    assert dict(during) == {"champion": 70.0, "canary": 30.0}
+    assert dict(after) == {"canary": 0.0, "champion": 100.0}

@@ -28,3 +28,17 @@ def test_the_null_recorder_takes_what_the_ray_recorder_takes():
     public = {n for n, f in inspect.getmembers(RayRecorder, inspect.isfunction) if not n.startswith("_")}
     for name in public:
         assert inspect.signature(getattr(NullRecorder, name)) == inspect.signature(getattr(RayRecorder, name)), name
+
+
+def test_the_new_gauges_record_and_know_every_store_state():
+    from typing import get_args
+
+    from pipeline.featurestore.recovery import StoreState
+    from pipeline.serve.metrics import STORE_STATES
+
+    assert set(STORE_STATES) == set(get_args(StoreState))
+    r = RayRecorder("v1", "colocated")
+    r.in_flight(3)
+    r.in_flight(0)
+    for state in STORE_STATES:
+        r.feature_store(state)
