@@ -16,12 +16,12 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
-import yaml
 
 from chain.rollout import ArmSpec, RolloutSpec, assign
 from pipeline.commands.serve import http_get, ingress_replicas_up, port_open
 from settings import ServeSettings
 from tests.conftest import ROOT, recserve
+from tests.support.app import serve_config, serving, settings_env
 from tests.support.keys import bearer, new_key
 from tests.support.load import open_loop
 
@@ -50,7 +50,7 @@ SETTINGS = ServeSettings(
 # The run's own API key, configured inline (no keys file is read), and sent by the client and `recserve rollout`.
 KEY, KEY_ENTRY = new_key("e2e", "admin")
 SETTINGS_ENV = {
-    **{f"RECSERVE_{k.upper()}": str(v) for k, v in SETTINGS.model_dump().items()},
+    **settings_env(SETTINGS),
     "RECSERVE_API_KEYS": KEY_ENTRY,
     "RECSERVE_API_KEYS_FILE": f"/tmp/recserve-e2e-no-keys-file-{os.getpid()}",
     "RECSERVE_API_KEY": KEY,
@@ -67,47 +67,13 @@ class App:
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def app(request, small_bundle, slice_online, store_settings, tmp_path_factory):
     topology = request.param
-    tmp = tmp_path_factory.mktemp(f"serve-{topology}")
-    config = yaml.safe_load((ROOT / "deploy" / CONFIGS[topology]).read_text())
-    config["http_options"]["port"] = HTTP_PORT
-    args = config["applications"][0]["args"]
-    args["bundle"] = str(small_bundle)
-    args["store"] = {
-        "redis": store_settings.redis,
-        "project": store_settings.project,
-        "registry": str(store_settings.registry),
-        "event_log_dir": str(store_settings.event_log_dir),
-    }
-    path = tmp / "serve_config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    log = (tmp / "serve.log").open("w")
-    env = {**os.environ, **SETTINGS_ENV}
-    env.pop("RAY_ADDRESS", None)
-    started = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.commands.cli", "serve", "--config", str(path)],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    text = ""
-    while "recserve is up" not in text:
-        text = (tmp / "serve.log").read_text()
-        if proc.poll() is not None or time.monotonic() - started > 400:
-            proc.kill()
-            pytest.fail(f"recserve serve did not come up ({topology}):\n{text[-4000:]}")
-        time.sleep(1)
-    # The one URL a client uses: HAProxy on the config's port, whatever the replicas' own ports are.
-    url = re.search(r"^HTTP: (http://127\.0\.0\.1:\d+) \(HAProxy over", text, re.M)
-    assert url and url[1] == f"http://127.0.0.1:{HTTP_PORT}", text[-2000:]
-    client = httpx.Client(base_url=url[1], timeout=30, headers=bearer(KEY))
-    yield App(topology, client, url[1])
-    client.close()
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(180) == 0
-    text = (tmp / "serve.log").read_text()
-    assert "recserve stopped" in text
+    config = serve_config(CONFIGS[topology], HTTP_PORT, small_bundle, store_settings)
+    with serving(config, tmp_path_factory.mktemp(f"serve-{topology}"), SETTINGS_ENV) as served:
+        client = httpx.Client(base_url=served.url, timeout=30, headers=bearer(KEY))
+        yield App(topology, client, served.url)
+        client.close()
+    assert served.proc.returncode == 0
+    assert "recserve stopped" in served.log.read_text()
     # It took down exactly what it started: its Ray, HAProxy and replicas' ports are all closed.
     for port in (SETTINGS.ray_port, HTTP_PORT, SETTINGS.haproxy_stats_port, SETTINGS.fallback_proxy_port, 31000):
         assert not port_open(port), port

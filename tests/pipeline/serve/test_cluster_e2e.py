@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
-import signal
 import subprocess
 import sys
 import time
 import uuid
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 import pandas as pd
 import pytest
-import yaml
 
 from models.bundle import verified
 from models.remote import publish
@@ -30,6 +28,7 @@ from pipeline.commands.serve import RayHead, port_open, ray_env
 from pipeline.featurestore.store import drop_project, open_store
 from settings import ServeSettings, StoreSettings
 from tests.conftest import ROOT, recserve
+from tests.support.app import serve_config, serving, settings_env
 from tests.support.load import open_loop
 from tests.support.ray_cluster import WorkerNode
 
@@ -127,7 +126,7 @@ def test_two_nodes_bundle_from_s3_worker_loss_degrades_then_recovers(small_bundl
     )
     address = f"127.0.0.1:{SETTINGS.ray_port}"
     workers: list[WorkerNode] = []
-    serve_proc = None
+    stack = ExitStack()
 
     def worker(name: str, ports: int, worker_ports: str) -> WorkerNode:
         node = WorkerNode(
@@ -146,39 +145,13 @@ def test_two_nodes_bundle_from_s3_worker_loss_degrades_then_recovers(small_bundl
         head.wait_up()
         first = worker("worker", 23500, "23600-23899")
 
-        config = yaml.safe_load((ROOT / "deploy" / "serve_config.cluster.yaml").read_text())
-        config["http_options"]["port"] = HTTP_PORT
-        app_args = config["applications"][0]["args"]
-        app_args["bundle"] = uri  # only the URI: no node has the bundle's directory
-        app_args["store"] = {"redis": store.redis, "project": project, "registry": registry}
-        app_args["store"]["event_log_dir"] = str(store.event_log_dir)
-        path = tmp_path / "serve_config.yaml"
-        path.write_text(yaml.safe_dump(config))
-        log = tmp_path / "serve.log"
-        env = {
-            **os.environ,
-            **{f"RECSERVE_{k.upper()}": str(v) for k, v in SETTINGS.model_dump().items()},
-            **common,
-            **auth,
-            "RAY_ADDRESS": address,
-            "RECSERVE_BUNDLE_CACHE": str(caches["driver"]),
-        }
-        began = time.monotonic()
-        with log.open("w") as fh:
-            serve_proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.commands.cli", "serve", "--config", str(path)],
-                cwd=ROOT,
-                env=env,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-            )
-        while "recserve is up" not in (text := log.read_text()):
-            if serve_proc.poll() is not None or time.monotonic() - began > 480:
-                pytest.fail(f"recserve serve did not come up on the cluster:\n{text[-4000:]}")
-            time.sleep(1)
-        url = re.search(r"^HTTP: (http://127\.0\.0\.1:\d+) \(HAProxy over", text, re.M)
-        assert url and url[1] == f"http://127.0.0.1:{HTTP_PORT}", text[-2000:]
-        _report(f"two-node app up in {time.monotonic() - began:.0f} s, bundle {uri}")
+        # The bundle only as its URI: no node has the bundle's folder.
+        config = serve_config("serve_config.cluster.yaml", HTTP_PORT, uri, store)
+        env = {**settings_env(SETTINGS), **common, **auth, "RAY_ADDRESS": address}
+        env["RECSERVE_BUNDLE_CACHE"] = str(caches["driver"])
+        served = stack.enter_context(serving(config, tmp_path, env, timeout_s=480))
+        url = served.url
+        _report(f"two-node app up in {served.up_s:.0f} s, bundle {uri}")
 
         # Where Ray put each deployment: the ingress on the head, every model on the worker node.
         pools = _placement(auth)
@@ -195,7 +168,7 @@ def test_two_nodes_bundle_from_s3_worker_loss_degrades_then_recovers(small_bundl
             verified(fetched[0])
 
         users = pd.read_parquet(small_bundle / "user_features.parquet")["user_id"].astype(str).tolist()[:50]
-        with httpx.Client(base_url=url[1], timeout=30) as client:
+        with httpx.Client(base_url=url, timeout=30) as client:
             # Whole answers through the endpoint (the first calls across nodes may miss the deadline while cold).
             warm = _until_whole(client, users[0], 120)
             whole = [client.post("/recommend", json={"user_id": u, "k": 10}) for u in users[:20]]
@@ -205,7 +178,7 @@ def test_two_nodes_bundle_from_s3_worker_loss_degrades_then_recovers(small_bundl
             assert len(reasons) <= 2, reasons
 
             # The worker node goes away under load: every answer still comes, degraded, none failed.
-            thread, run = open_loop(url[1], 10, 40, lambda i: {"user_id": users[i % len(users)], "k": 10})
+            thread, run = open_loop(url, 10, 40, lambda i: {"user_id": users[i % len(users)], "k": 10})
             time.sleep(5)
             stopped_at = time.monotonic()
             first.stop()
@@ -230,13 +203,11 @@ def test_two_nodes_bundle_from_s3_worker_loss_degrades_then_recovers(small_bundl
             )
             assert _placement(auth)["CollaborativeFilter"] == {"cpu"}
     finally:
-        if serve_proc is not None and serve_proc.poll() is None:
-            serve_proc.send_signal(signal.SIGTERM)
-            serve_proc.wait(180)
+        stack.close()  # recserve serve's own shutdown (SIGTERM) of the app; the cluster stays ours to stop
         for node in workers:
             node.stop()
         head.stop()
         drop_project(open_store(store), store)
-    assert "recserve stopped" in log.read_text()
+    assert "recserve stopped" in served.log.read_text()
     for port in (SETTINGS.ray_port, HTTP_PORT, SETTINGS.haproxy_stats_port, 23500, 24500):
         assert not port_open(port), port

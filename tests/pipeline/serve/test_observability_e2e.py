@@ -16,9 +16,6 @@ import asyncio
 import itertools
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -33,6 +30,7 @@ from pipeline.serve.metrics import LATENCY_MS
 from settings import ServeSettings
 from tests.conftest import ROOT
 from tests.support import dashboard
+from tests.support.app import serve_config, serving, settings_env
 from tests.support.keys import bearer, new_key
 from tests.support.load import open_loop
 from tests.support.prometheus import Prometheus, binary, running
@@ -59,7 +57,7 @@ SETTINGS = ServeSettings(
 )
 KEY, KEY_ENTRY = new_key("obs", "admin")
 ENV = {
-    **{f"RECSERVE_{k.upper()}": str(v) for k, v in SETTINGS.model_dump().items()},
+    **settings_env(SETTINGS),
     "RECSERVE_API_KEYS": KEY_ENTRY,
     "RECSERVE_API_KEYS_FILE": f"/tmp/recserve-obs-no-keys-file-{os.getpid()}",
     "RECSERVE_API_KEY": KEY,
@@ -89,42 +87,12 @@ def wait_for(predicate, timeout_s: float, what: str) -> float:
 @pytest.fixture(scope="module")
 def app(small_bundle, slice_online, store_settings, tmp_path_factory):
     binary("prometheus")  # before minutes of start-up: skip (or fail in CI) at once without it
-    tmp = tmp_path_factory.mktemp("serve-obs")
-    config = yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
-    config["http_options"]["port"] = HTTP_PORT
-    app_config = config["applications"][0]
-    app_config["args"]["bundle"] = str(small_bundle)
-    app_config["args"]["store"] = {
-        "redis": store_settings.redis,
-        "project": store_settings.project,
-        "registry": str(store_settings.registry),
-        "event_log_dir": str(store_settings.event_log_dir),
-    }
-    app_config["deployments"][0]["user_config"]["max_in_flight"] = MAX_IN_FLIGHT
-    path = tmp / "serve_config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    log = (tmp / "serve.log").open("w")
-    env = {**os.environ, **ENV}
-    env.pop("RAY_ADDRESS", None)
-    began = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.commands.cli", "serve", "--config", str(path)],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    text = ""
-    while "recserve is up" not in text:
-        text = (tmp / "serve.log").read_text()
-        if proc.poll() is not None or time.monotonic() - began > 400:
-            proc.kill()
-            pytest.fail(f"recserve serve did not come up:\n{text[-4000:]}")
-        time.sleep(1)
-    report(f"observability e2e: recserve serve up in {time.monotonic() - began:.0f} s")
-    yield f"http://127.0.0.1:{HTTP_PORT}"
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(180) == 0
+    config = serve_config("serve_config.yaml", HTTP_PORT, small_bundle, store_settings)
+    config["applications"][0]["deployments"][0]["user_config"]["max_in_flight"] = MAX_IN_FLIGHT
+    with serving(config, tmp_path_factory.mktemp("serve-obs"), ENV) as served:
+        report(f"observability e2e: recserve serve up in {served.up_s:.0f} s")
+        yield served.url
+    assert served.proc.returncode == 0
 
 
 @pytest.fixture(scope="module")
