@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -39,10 +39,31 @@ from models.drift import (
 
 BLOCK = 250  # requests per block: the gauges move once per block
 BLOCKS = 4  # blocks per window: the gauges are over the last 1,000 requests
-# Alarm thresholds: the holdout replay's highest value over every feature and window (on the default bundle),
-# times 1.5, rounded up (docs/benchmarks.md, "Drift"). deploy/alerts.yml holds the same numbers.
-PSI_THRESHOLD = 0.2
-JS_THRESHOLD = 0.1
+MAX_CANDIDATES = 32  # candidate rows counted per request: an even stride over them (the cost bar is 0.1 ms)
+# Features tied to the calendar: ages measured from the data's first day (every item and customer is a window
+# older at serving than in the reference) and popularity, which follows the season. The holdout replay moves them
+# by construction (November against October), so they have thresholds of their own; every other feature is
+# "steady".
+CALENDAR_FEATURES = frozenset(
+    {
+        "user_tenure_days",
+        "item_days_since_first_sale",
+        "item_days_since_last_sale",
+        "item_pop_7d",
+        "item_pop_30d",
+        "item_pop_90d",
+        "popularity_score",
+    }
+)
+# Alarm thresholds (PSI, JS distance) per tier: the holdout replay's highest value over the tier's features and
+# every window (default bundle), times 1.5, rounded up to 0.01 (loadtests/drift_drill.py; docs/benchmarks.md,
+# "Drift"). deploy/alerts.yml holds the same numbers; tests/deploy/test_alerts.py checks that they agree.
+THRESHOLDS: dict[str, tuple[float, float]] = {"steady": (0.25, 0.26), "calendar": (7.43, 1.04)}
+PSI_THRESHOLD, JS_THRESHOLD = THRESHOLDS["steady"]
+
+
+def tier(feature: str) -> str:
+    return "calendar" if feature in CALENDAR_FEATURES else "steady"
 
 
 class DriftSink(Protocol):
@@ -73,10 +94,11 @@ class DriftMonitor:
         sink: DriftSink | None = None,
         block: int = BLOCK,
         blocks: int = BLOCKS,
-        log: Callable[[dict[str, Any]], None] | None = None,
+        log: Callable[[float, RequestFeatures, np.ndarray], None] | None = None,
     ) -> None:
-        """`log` receives each request's monitored values (one sampled candidate's): the `recserve drift report`
-        input (pipeline/serve/driftlog.py writes them)."""
+        """`log(ts, features, candidate)` receives each request (time in s since the epoch, its features, one
+        candidate row drawn at random, float32 (len(CANDIDATE_COLUMNS),), NaN when it has none): the input of
+        `recserve drift report` (pipeline/serve/driftlog.py writes it)."""
         self.reference = reference
         self.sink = sink
         self.block, self.blocks, self.log = block, blocks, log
@@ -103,6 +125,7 @@ class DriftMonitor:
             c = reference.categorical[name]
             index = {v: self._slices[name].start + i for i, v in enumerate(c.categories)}
             self._cats.append((index, index.get(OTHER)))
+        self._no_candidate = np.full(len(CANDIDATE_COLUMNS), np.nan, np.float32)
         self._rows = np.zeros((blocks, self.size))
         self._cur = 0
         self._in_block = 0
@@ -123,6 +146,9 @@ class DriftMonitor:
         row[np.where(np.isnan(u), self._u_nan, ub) + self._u_off] += 1.0
         c = f.candidates
         n = c.shape[0]
+        if n > MAX_CANDIDATES:
+            c = c[:: -(-n // MAX_CANDIDATES)]
+            n = c.shape[0]
         if n:
             cb = (c[:, :, None] >= self._c_edges[None]).sum(2)
             cb = np.where(np.isnan(c), self._c_nan, cb) + self._c_off
@@ -132,24 +158,12 @@ class DriftMonitor:
             if i is not None:
                 row[i] += 1.0
         if self.log is not None:
-            self.log(self._logged(f))
+            k = f.candidates.shape[0]
+            self.log(time.time(), f, f.candidates[random.randrange(k)] if k else self._no_candidate)
         self.requests += 1
         self._in_block += 1
         if self._in_block >= self.block:
             self._close()
-
-    def _logged(self, f: RequestFeatures) -> dict[str, Any]:
-        n = f.candidates.shape[0]
-        cand = f.candidates[random.randrange(n)].tolist() if n else [float("nan")] * len(CANDIDATE_COLUMNS)
-        country, known, query = f.categories()
-        return {
-            "ts": time.time(),
-            **dict(zip(USER_COLUMNS, f.user.tolist(), strict=True)),
-            **dict(zip(CANDIDATE_COLUMNS, cand, strict=True)),
-            "user_country": country,
-            "request_known_user": known,
-            "request_query": query,
-        }
 
     def distances(self, counts: np.ndarray) -> dict[str, tuple[float, float]]:
         """PSI and JS distance per feature of the counts (float (size,), this monitor's layout) against the
@@ -185,6 +199,17 @@ class DriftMonitor:
             self.sink.drift(name, p, j)
         self.sink.drift_window(self.window_requests)
 
-    def over(self, psi_threshold: float = PSI_THRESHOLD, js_threshold: float = JS_THRESHOLD) -> list[str]:
-        """The features whose current PSI or JS distance is over its threshold (what the alert rules fire on)."""
-        return [n for n, (p, j) in self.values.items() if p > psi_threshold or j > js_threshold]
+    def over(self, thresholds: dict[str, tuple[float, float]] | None = None) -> list[str]:
+        """The features whose current PSI or JS distance is over its tier's threshold (default THRESHOLDS: what the
+        alert rules fire on)."""
+        return over(self.values, thresholds or THRESHOLDS)
+
+
+def over(values: dict[str, tuple[float, float]], thresholds: dict[str, tuple[float, float]]) -> list[str]:
+    """The features of `values` (feature: (PSI, JS)) over their tier's (PSI, JS) threshold."""
+    out = []
+    for name, (p, j) in values.items():
+        psi_t, js_t = thresholds[tier(name)]
+        if p > psi_t or j > js_t:
+            out.append(name)
+    return out

@@ -7,11 +7,11 @@
    generator's share, models/drift.py EXPECTED_QUERY_SHARE). Each request goes through the chain's own steps
    (chain/offline.py: fetch, retrieve, merge, hydrate) and its blender inputs into a `DriftMonitor` exactly as
    serving's chain feeds it. Reported: the highest PSI and JS distance per feature over every window, and the
-   thresholds they suggest (the highest over all features, times the margin).
+   thresholds they suggest per tier (chain/drift.py: calendar, steady): the tier's highest, times the margin.
 2. Shifts, each after one full window of replayed traffic: a cohort of big spenders (known users in the top decile
    of user_total_spend), a change in the country mix (only customers outside the most frequent country), a run of
    only new users. Reported: the requests from the shift's start until a window first has a feature over the
-   thresholds (chain/drift.py PSI_THRESHOLD, JS_THRESHOLD), the features flagged, and the monitor's values then.
+   thresholds (per tier, chain/drift.py THRESHOLDS), the features flagged, and the monitor's values then.
 3. Cost: `DriftMonitor.observe` over the replay's real requests, µs per request (best of 5 timeit runs), with and
    without the request-feature log (pipeline/serve/driftlog.py) the report reads.
 """
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from chain.drift import BLOCK, BLOCKS, JS_THRESHOLD, PSI_THRESHOLD, DriftMonitor, request_features
+from chain.drift import BLOCK, BLOCKS, THRESHOLDS, DriftMonitor, request_features, tier
 from chain.offline import OfflineChain, open_offline
 from chain.types import Query
 from models.bundle import load_core
@@ -85,13 +85,20 @@ class Replay:
     max_js: dict[str, float]
     alarms: list[str] = field(default_factory=list)  # features over the committed thresholds at any window
 
-    def thresholds(self, margin: float) -> tuple[float, float]:
-        """The highest PSI and JS over every feature and window, times `margin`, rounded up to 0.01."""
-        top_psi, top_js = max(self.max_psi.values()), max(self.max_js.values())
-        return math.ceil(top_psi * margin * 100) / 100, math.ceil(top_js * margin * 100) / 100
+    def thresholds(self, margin: float) -> dict[str, tuple[float, float]]:
+        """Per tier, the highest PSI and JS over its features and every window, times `margin`, rounded up to
+        0.01."""
+        out = {}
+        for t in ("steady", "calendar"):
+            top_psi = max(v for k, v in self.max_psi.items() if tier(k) == t)
+            top_js = max(v for k, v in self.max_js.items() if tier(k) == t)
+            out[t] = (math.ceil(top_psi * margin * 100) / 100, math.ceil(top_js * margin * 100) / 100)
+        return out
 
 
-def replay(reference: Reference, features: list[RequestFeatures], psi_t: float, js_t: float) -> Replay:
+def replay(
+    reference: Reference, features: list[RequestFeatures], thresholds: dict[str, tuple[float, float]] = THRESHOLDS
+) -> Replay:
     """Every request into a fresh monitor; the max per feature over the windows as they close."""
     monitor = DriftMonitor(reference)
     max_psi = dict.fromkeys(monitor.values, 0.0)
@@ -105,7 +112,7 @@ def replay(reference: Reference, features: list[RequestFeatures], psi_t: float, 
             windows += 1
             for name, (p, j) in monitor.values.items():
                 max_psi[name], max_js[name] = max(max_psi[name], p), max(max_js[name], j)
-            alarms.update(monitor.over(psi_t, js_t))
+            alarms.update(monitor.over(thresholds))
     return Replay(len(features), windows, max_psi, max_js, sorted(alarms))
 
 
@@ -119,12 +126,16 @@ def shifted_users(chain: OfflineChain, kind: str) -> Callable[[int], Query]:
         main = frame["user_country"].value_counts().index[0]
         users = sorted(frame.index[frame["user_country"] != main].astype(str))
     elif kind == "new_users":
-        return lambda n: Query(f"drill-new-{n}")
+        users = [f"drill-new-{n}" for n in range(MAX_SHIFTED)]
     else:
         raise ValueError(f"unknown shift {kind!r}: one of {SHIFTS}")
     rng = random.Random(kind)
-    order = [rng.choice(users) for _ in range(MAX_SHIFTED)]
-    return lambda n: Query(order[n % len(order)])
+    # The query share stays the reference's: a shift changes who asks, not how.
+    order = [
+        Query(rng.choice(users), query=rng.choice(PRODUCT_QUERIES) if rng.random() < EXPECTED_QUERY_SHARE else None)
+        for _ in range(MAX_SHIFTED)
+    ]
+    return lambda n: order[n % len(order)]
 
 
 @dataclass
@@ -140,18 +151,17 @@ def inject(
     warm: list[RequestFeatures],
     shifted: Iterator[RequestFeatures],
     kind: str,
-    psi_t: float = PSI_THRESHOLD,
-    js_t: float = JS_THRESHOLD,
+    thresholds: dict[str, tuple[float, float]] = THRESHOLDS,
 ) -> Flagged:
     """One full window of `warm` traffic (it must raise nothing), then `shifted` until a window is over."""
     monitor = DriftMonitor(reference)
     for f in warm[: BLOCK * BLOCKS]:
         monitor.observe(f)
-    if monitor.over(psi_t, js_t):
-        raise AssertionError(f"the warm-up traffic is already over the thresholds: {monitor.over(psi_t, js_t)}")
+    if monitor.over(thresholds):
+        raise AssertionError(f"the warm-up traffic is already over the thresholds: {monitor.over(thresholds)}")
     for n, f in enumerate(shifted, 1):
         monitor.observe(f)
-        if monitor.requests % monitor.block == 0 and (over := monitor.over(psi_t, js_t)):
+        if monitor.requests % monitor.block == 0 and (over := monitor.over(thresholds)):
             return Flagged(kind, n, over, {k: monitor.values[k] for k in over})
         if n >= MAX_SHIFTED:
             break
@@ -178,24 +188,33 @@ def cost_us(reference: Reference, features: list[RequestFeatures], log: bool = F
     return min(runs) / len(features) * 1e6
 
 
-def run(bundle: Path, data: CleanData, margin: float = 1.5, shifts: tuple[str, ...] = SHIFTS) -> dict[str, Any]:
-    """The whole drill over a bundle and the data it was trained on; the report as a dict."""
+def run(
+    bundle: Path,
+    data: CleanData,
+    margin: float = 1.5,
+    shifts: tuple[str, ...] = SHIFTS,
+    thresholds: dict[str, tuple[float, float]] | None = None,
+) -> dict[str, Any]:
+    """The whole drill over a bundle and the data it was trained on; the report as a dict. The shifts are judged
+    by `thresholds` (tier: (PSI, JS)), default: the ones this replay suggests."""
     chain = open_offline(bundle)
     core = load_core(bundle)
     if core.drift is None:
         raise SystemExit(f"{bundle} has no drift reference: retrain it with this version")
     feats = Features(chain)
     holdout = [feats(q) for q in holdout_queries(data, core.manifest.split)]
-    rep = replay(core.drift, holdout, PSI_THRESHOLD, JS_THRESHOLD)
-    flagged = [inject(core.drift, holdout, shift_stream(chain, feats, k), k) for k in shifts]
+    rep = replay(core.drift, holdout)
+    judged = thresholds or rep.thresholds(margin)
+    flagged = [inject(core.drift, holdout, shift_stream(chain, feats, k), k, judged) for k in shifts]
     return {
         "bundle": str(bundle),
         "holdout": {"requests": rep.requests, "windows": rep.windows, "alarms": rep.alarms},
         "max_psi": rep.max_psi,
         "max_js": rep.max_js,
-        "suggested_thresholds": dict(zip(("psi", "js"), rep.thresholds(margin), strict=True)),
+        "suggested_thresholds": rep.thresholds(margin),
         "margin": margin,
-        "thresholds": {"psi": PSI_THRESHOLD, "js": JS_THRESHOLD},
+        "thresholds": THRESHOLDS,
+        "shift_thresholds": judged,
         "shifts": {f.shift: {"requests": f.requests, "features": f.features, "values": f.values} for f in flagged},
         "cost_us": {"monitor": cost_us(core.drift, holdout), "monitor_and_log": cost_us(core.drift, holdout, True)},
     }
@@ -215,6 +234,7 @@ def main() -> int:
     top = sorted(report["max_js"], key=lambda k: -report["max_js"][k])[:5]
     print("highest JS:  " + ", ".join(f"{k} {report['max_js'][k]:.3f}" for k in top))
     print(f"suggested thresholds (x{args.margin}): {report['suggested_thresholds']}; committed {report['thresholds']}")
+    print(f"shifts judged by {report['shift_thresholds']}")
     for name, s in report["shifts"].items():
         print(f"shift {name}: flagged after {s['requests']} requests on {s['features']}")
     print(f"cost: {report['cost_us']['monitor']:.1f} µs/request, {report['cost_us']['monitor_and_log']:.1f} with log")

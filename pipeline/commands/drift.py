@@ -7,6 +7,7 @@ cost). Evidently (`ValueDrift` per feature) bins with its own edges (Sturges ove
 not the gauges'; its verdicts are compared with the gauges' verdict on the same requests, recomputed from the log
 with the reference's own bins (`DriftMonitor.distances`). Thresholds are the alert rules' (chain/drift.py); Evidently's
 JS distance uses the natural log, so its threshold is the base-2 one times sqrt(ln 2).
+Thresholds are per tier (chain/drift.py THRESHOLDS).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from chain.drift import JS_THRESHOLD, PSI_THRESHOLD, DriftMonitor
+from chain.drift import THRESHOLDS, DriftMonitor, tier
 from models.drift import (
     CANDIDATE_COLUMNS,
     CATEGORICAL_COLUMNS,
@@ -34,7 +35,7 @@ from models.errors import ConfigError
 
 REFERENCE_ROWS = 20_000
 # Evidently's jensenshannon test takes scipy's default base (e): distance_e = distance_2 * sqrt(ln 2).
-JS_THRESHOLD_NATURAL = JS_THRESHOLD * math.sqrt(math.log(2))
+NATURAL = math.sqrt(math.log(2))
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 
 
@@ -84,9 +85,12 @@ def _evidently(reference: Reference, logged: pd.DataFrame, out: Path) -> dict[st
     current = logged[list(FEATURES)].copy()
     for c in NUMERIC_COLUMNS:
         current[c] = current[c].astype(float)
+    # Evidently drops missing values before it tests, and refuses a column left empty (every request a new user's,
+    # say): such a column gets no Evidently value (NaN, no drift), where the gauges count the missing bin.
+    tested = [c for c in FEATURES if current[c].notna().any() and ref[c].notna().any()]
     metrics = [
-        *(ValueDrift(column=c, method="psi", threshold=PSI_THRESHOLD) for c in FEATURES),
-        *(ValueDrift(column=c, method="jensenshannon", threshold=JS_THRESHOLD_NATURAL) for c in FEATURES),
+        *(ValueDrift(column=c, method="psi", threshold=THRESHOLDS[tier(c)][0]) for c in tested),
+        *(ValueDrift(column=c, method="jensenshannon", threshold=THRESHOLDS[tier(c)][1] * NATURAL) for c in tested),
     ]
     snapshot = Report(metrics).run(
         Dataset.from_pandas(current, data_definition=definition),
@@ -95,8 +99,9 @@ def _evidently(reference: Reference, logged: pd.DataFrame, out: Path) -> dict[st
     out.parent.mkdir(parents=True, exist_ok=True)
     snapshot.save_html(str(out))
     values = [float(m["value"]) for m in snapshot.dict()["metrics"]]
-    n = len(FEATURES)
-    return {c: (values[i], values[n + i] / math.sqrt(math.log(2))) for i, c in enumerate(FEATURES)}
+    n = len(tested)
+    out = dict.fromkeys(FEATURES, (float("nan"), float("nan")))
+    return out | {c: (values[i], values[n + i] / NATURAL) for i, c in enumerate(tested)}
 
 
 def report(reference: Reference, logged: pd.DataFrame, out: Path) -> list[Verdict]:
@@ -111,10 +116,10 @@ def report(reference: Reference, logged: pd.DataFrame, out: Path) -> list[Verdic
             f,
             ours[f][0],
             ours[f][1],
-            ours[f][0] > PSI_THRESHOLD or ours[f][1] > JS_THRESHOLD,
+            ours[f][0] > THRESHOLDS[tier(f)][0] or ours[f][1] > THRESHOLDS[tier(f)][1],
             theirs[f][0],
             theirs[f][1],
-            theirs[f][0] >= PSI_THRESHOLD or theirs[f][1] >= JS_THRESHOLD,
+            theirs[f][0] >= THRESHOLDS[tier(f)][0] or theirs[f][1] >= THRESHOLDS[tier(f)][1],
         )
         for f in FEATURES
     ]
