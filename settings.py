@@ -352,6 +352,11 @@ class Settings(_Section):
         validation_alias="RECSERVE_BUNDLE",
         description="the bundle whose batch sources the plain `feast` CLI registers; default: latest_bundle()",
     )
+    drift_log_dir: Path | None = Field(
+        None,
+        description="where each ingress replica logs the request features its drift monitor counts, for `recserve "
+        "drift report` (pipeline/serve/driftlog.py); unset: not logged",
+    )
     store: StoreSettings = Field(default_factory=StoreSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
     threads: ThreadSettings = Field(default_factory=ThreadSettings)

@@ -92,4 +92,5 @@ def context(
         viewed_only=frozenset(i for i, v in seen.items() if v),
         exclude=np.asarray(sorted(set(exclude)), dtype=np.int64),
         problem=problem,
+        country=user.country,
     )

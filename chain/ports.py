@@ -46,6 +46,8 @@ class Recorder(Protocol):
         self, arm: str, version: str, ms: float, degraded: bool, *, error: bool = False, candidates: int = 0
     ) -> None: ...
     def shadow(self, outcome: str, ms: float, overlap: float | None, tau: float | None) -> None: ...
+    def drift(self, feature: str, psi: float, js: float) -> None: ...
+    def drift_window(self, requests: int) -> None: ...
 
 
 class NullRecorder:
@@ -90,4 +92,10 @@ class NullRecorder:
         pass
 
     def feature_store(self, state: str) -> None:
+        pass
+
+    def drift(self, feature: str, psi: float, js: float) -> None:
+        pass
+
+    def drift_window(self, requests: int) -> None:
         pass

@@ -22,6 +22,7 @@ from typing import TypeVar
 import numpy as np
 
 from chain.context import ContextFetcher
+from chain.drift import DriftMonitor
 from chain.explain import POPULAR_REASON, explain
 from chain.hydrate import hydrate
 from chain.knobs import Knobs
@@ -113,6 +114,9 @@ class Chain:
         self._open_until: dict[str, float] = {}
         # Sees each request's candidates, feature rows and scores (the parity test compares them with offline's).
         self.trace: Callable[[Candidates, np.ndarray, Scored], None] | None = None
+        # Drift of the blender's inputs against the bundle's reference (chain/drift.py); off for a bundle without
+        # one, and for a quiet chain (a shadow records nothing).
+        self.drift = DriftMonitor(core.drift, recorder) if core.drift is not None else None
         self.reconfigure(knobs)
 
     def twin(self, quiet: bool = False) -> Chain:
@@ -121,6 +125,8 @@ class Chain:
         recorder = NullRecorder() if quiet else self._loud
         twin = Chain(self.core, self.store, self.stages.inner, self.knobs, recorder, self._store_state)
         twin._loud = self._loud
+        if quiet:
+            twin.drift = None
         return twin
 
     def reconfigure(self, knobs: Knobs) -> None:
@@ -207,6 +213,8 @@ class Chain:
         _, cands = candidates(ctx, cf, ct, popular(self.core.popularity, self.sizes.covering(self.sizes.n_popular, q)))
         self.recorder.candidates(len(cands))
         hydrated = hydrate(cands, ctx, self.snapshot, self.store.item_matrix)
+        if self.drift is not None:
+            self.drift.observe_context(ctx, hydrated.x)
         scores, blend_err = await self._guarded(
             "blend", lambda: self.stages.blend(hydrated.x), started + deadline * k.blend_share
         )

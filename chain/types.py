@@ -84,6 +84,7 @@ class Context:
     viewed_only: frozenset[int]  # session items that were only viewed
     exclude: np.ndarray  # int64 catalog indices never to show
     problem: str | None = None  # why the features are not the live ones (feature_store_unavailable | _empty)
+    country: str = ""  # user_country as the store gave it ("" for a user it does not know): drift counts it
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from models.blender import BLENDER_FILE
 from models.cf import CF_FILE
 from models.content import EMBEDDINGS_FILE
 from models.data import sha256_file
+from models.drift import Reference, load_reference
 from models.errors import BundleIntegrityError, BundleNotFoundError, ConfigError, SchemaMismatchError
 from models.features import schema
 from models.popularity import POPULARITY_FILE, Popularity
@@ -157,6 +158,7 @@ class ServingCore:
     settings: TrainSettings
     snapshot: Snapshot
     popularity: Popularity
+    drift: Reference | None = None  # None: a bundle trained before drift existed, so drift is off for it
 
     @property
     def version(self) -> str:
@@ -175,4 +177,5 @@ def load_core(directory: Path) -> ServingCore:
     directory, manifest, settings = verified(directory)
     snapshot = Snapshot.load(directory, manifest.cutoff, settings.candidates.history_half_life_days)
     popularity = Popularity.load(directory, snapshot.item_ids)
-    return ServingCore(directory, manifest, settings, snapshot, popularity)
+    drift = load_reference(directory, manifest.files)
+    return ServingCore(directory, manifest, settings, snapshot, popularity, drift)

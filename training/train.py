@@ -26,6 +26,7 @@ from models.popularity import Popularity
 from models.settings import TrainSettings
 from models.snapshot import Snapshot
 from models.split import Split, future_purchases, holdout_truth, resolve_split
+from training.drift import drift_reference
 from training.evaluate import Evaluation, evaluate
 
 
@@ -121,6 +122,8 @@ def train(
     x, y, groups, label_users = blender_examples(val_chain, labels, progress)
     step("blender examples built")
     blender, blender_stats = Blender.fit(x, y, groups, settings.blender, settings.seed, settings.num_threads)
+    # Drift's reference: the validation window's traffic through the validation chain (training/drift.py).
+    reference = drift_reference(val_chain, inter, split.validation_start, split.cutoff)
     step("blender fitted")
     chain = _chain(final_snap, settings, cache, blender, progress)
     step("final models fitted")
@@ -129,7 +132,7 @@ def train(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     files = [*final_snap.save(tmp, version), *chain.cf.model.save(tmp), *chain.content.model.save(tmp)]
-    files += [*blender.save(tmp), *chain.popularity.save(tmp, final_snap.item_ids)]
+    files += [*blender.save(tmp), *chain.popularity.save(tmp, final_snap.item_ids), *reference.save(tmp)]
 
     truth = holdout_truth(inter, split, set(final_snap.user_index))
     evaluation = evaluate(chain, truth, split.as_dict(), version)

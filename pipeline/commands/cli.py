@@ -163,6 +163,23 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_drift_report(args: argparse.Namespace, settings: Settings) -> int:
+    from models.bundle import load_core
+    from models.errors import ConfigError
+    from pipeline.commands.drift import parse_window, report, table
+    from pipeline.serve.driftlog import read_window
+
+    seconds = parse_window(args.window)
+    core = load_core(_bundle(args, settings))
+    if core.drift is None:
+        raise ConfigError(f"bundle {core.version} has no drift reference (trained before drift existed): retrain it")
+    logged = read_window(args.log_dir or settings.drift_log_dir, core.version, seconds)
+    verdicts = report(core.drift, logged, args.out)
+    print(table(verdicts))
+    print(f"{len(logged)} requests of the last {args.window} against bundle {core.version}'s reference: {args.out}")
+    return 0
+
+
 def _store(args: argparse.Namespace, settings: Settings):  # noqa: ANN202 - (StoreSettings, FeatureStore), lazily
     from pipeline.featurestore.store import open_store
     from settings import StoreSettings
@@ -351,6 +368,24 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--bundle", help=BUNDLE_HELP)
     rep.add_argument("--artifacts", type=Path, help=ARTIFACTS_HELP)
     rep.set_defaults(func=cmd_replay)
+
+    drift = sub.add_parser(
+        "drift", help="drift of serving's inputs from the bundle's training reference", description="Drift reports."
+    )
+    dsub_drift = drift.add_subparsers(dest="drift_command", metavar="ACTION", required=True)
+    dr = dsub_drift.add_parser(
+        "report",
+        help="an Evidently report of the logged request features of a time window against the bundle's reference",
+        description="Read the request features the replicas logged (drift_log_dir) in the last --window, write an "
+        "Evidently HTML report against a sample reconstructed from the bundle's reference bins, and print per "
+        "feature the gauges' and Evidently's PSI, JS distance and verdict.",
+    )
+    dr.add_argument("--window", default="1h", help="how far back: e.g. 30m, 1h, 2d (default 1h)")
+    dr.add_argument("--out", type=Path, default=Path("drift_report.html"), help="HTML report to write")
+    dr.add_argument("--log-dir", type=Path, help="the replicas' drift log (default: RECSERVE_DRIFT_LOG_DIR)")
+    dr.add_argument("--bundle", help=BUNDLE_HELP)
+    dr.add_argument("--artifacts", type=Path, help=ARTIFACTS_HELP)
+    dr.set_defaults(func=cmd_drift_report)
 
     feats = sub.add_parser(
         "features",

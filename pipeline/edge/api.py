@@ -278,6 +278,8 @@ class Api:
             "model_version": self.chain.core.version,
             "arms": rollout["arms"],
             "rollout": rollout["rollout"],
+            # chain/drift.py: off for a bundle trained before drift existed (it has no reference).
+            "drift": "on" if self.chain.drift is not None else "off: the bundle has no drift reference; retrain it",
         }
         if self.watch is not None:
             status = self.watch.status

@@ -36,6 +36,11 @@ class AppArgs(BaseModel):
     outcomes: OutcomeSettings = Field(
         OutcomeSettings(), description="online outcomes of a rollout: attribution window, exposure flushing"
     )
+    drift_log_dir: Path | None = Field(
+        default_factory=lambda: Settings().drift_log_dir,
+        description="where the replica logs its drift monitor's request features (default: RECSERVE_DRIFT_LOG_DIR; "
+        "unset: not logged)",
+    )
     knobs: Knobs = Field(Knobs(), description="initial runtime knobs; the Ingress's user_config overrides them")
     max_body_bytes: int = Field(
         1_000_000, ge=1024, le=100_000_000, description="a request body's limit, as sent and once decoded (413)"

@@ -39,6 +39,7 @@ from pipeline.featurestore.outcomes import Outcomes
 from pipeline.featurestore.recovery import StoreWatch, bundle_materializer
 from pipeline.featurestore.store import OnlineFeatures, open_store, redis_client
 from pipeline.serve.args import AppArgs, local_bundle
+from pipeline.serve.driftlog import DriftLog
 from pipeline.serve.guard import LoadTurns, RollbackLedger
 from pipeline.serve.metrics import NullRecorder
 from settings import PROJECT_ROOT, configure_process
@@ -93,6 +94,19 @@ def local_stages(core: ServingCore, threads: int, compile_cache: Path | None = N
     )
 
 
+def drift_log(chain: Chain, settings: AppArgs) -> None:
+    """The chain's drift monitor logs its requests' features under settings.drift_log_dir when that is set; a bundle
+    without a drift reference (trained before drift existed) is served with drift off, said here once."""
+    if chain.drift is None:
+        log.warning(
+            "bundle %s has no drift reference: drift monitoring is off for it (retrain to turn it on)",
+            chain.core.version,
+        )
+        return
+    if settings.drift_log_dir is not None:
+        chain.drift.log = DriftLog(settings.drift_log_dir, chain.core.version).append
+
+
 def make_api(
     settings: AppArgs,
     stages: BundleStages | None = None,
@@ -127,6 +141,7 @@ def make_api(
         )
     store_state = (lambda: watch.status.state) if watch else None
     chain = Chain(core, features, stages, settings.knobs, rec, store_state=store_state)
+    drift_log(chain, settings)
 
     def arm_chain(ref: str) -> Chain:
         # A rollout arm's bundle: verified, refused unless materialized (NotMaterializedError names the command).
@@ -140,6 +155,7 @@ def make_api(
         else:
             arm_stages = remote.for_bundle(ref)
         arm = Chain(arm_core, arm_features, arm_stages, settings.knobs, recorder(arm_core.version), store_state)
+        drift_log(arm, settings)
         trim_heap()  # what loading read and dropped (Arrow buffers, pandas frames) goes back to the OS
         return arm
 

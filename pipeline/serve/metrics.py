@@ -129,6 +129,26 @@ class RayRecorder:
             "(ok, empty, unreachable), 0 for the others (pipeline/featurestore/recovery.py)",
             tag_keys=("state",),
         )
+        # Drift (chain/drift.py): per feature, over the replica's last window of requests; 0 with
+        # recserve_drift_window_requests 0 until the first block of requests closes.
+        self._drift_psi = metrics.Gauge(
+            "recserve_drift_psi",
+            description="population stability index of each blender input against the bundle's training "
+            "reference, over this replica's sliding window of requests",
+            tag_keys=("feature", "version"),
+        )
+        self._drift_js = metrics.Gauge(
+            "recserve_drift_js_distance",
+            description="Jensen-Shannon distance (base 2, 0-1) of each blender input against the bundle's training "
+            "reference, over this replica's sliding window of requests",
+            tag_keys=("feature", "version"),
+        )
+        self._drift_window = metrics.Gauge(
+            "recserve_drift_window_requests",
+            description="requests the drift gauges are computed over in this replica (0: nothing measured yet)",
+            tag_keys=("version",),
+        )
+        self._version = version
         info = metrics.Gauge("recserve_model_info", description="the bundle served", tag_keys=("version", "topology"))
         info.set(1, tags={"version": version, "topology": topology})
 
@@ -187,3 +207,11 @@ class RayRecorder:
     def feature_store(self, state: str) -> None:
         for known in STORE_STATES:
             self._store.set(1.0 if known == state else 0.0, tags={"state": known})
+
+    def drift(self, feature: str, psi: float, js: float) -> None:
+        tags = {"feature": feature, "version": self._version}
+        self._drift_psi.set(psi, tags=tags)
+        self._drift_js.set(js, tags=tags)
+
+    def drift_window(self, requests: int) -> None:
+        self._drift_window.set(requests, tags={"version": self._version})

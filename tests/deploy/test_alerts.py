@@ -56,3 +56,15 @@ def test_latency_thresholds_are_bucket_bounds_below_the_last():
         assert thresholds, rule["expr"]
         for t in thresholds:
             assert t in LATENCY_MS and t < LATENCY_MS[-1], (rule["alert"], t)
+
+
+def test_drift_thresholds_are_the_monitors():
+    """The drift rules' two tiers: the calendar features and each tier's threshold are chain/drift.py's."""
+    from chain.drift import CALENDAR_FEATURES, THRESHOLDS
+
+    for rule, k in (("RecserveDriftPSI", 0), ("RecserveDriftJS", 1)):
+        expr = next(r["expr"] for r in rules() if r["alert"] == rule)
+        steady, calendar = re.findall(r'feature(!~|=~)"([^"]+)"\}\)\s*>\s*([0-9.]+)', expr)
+        assert steady[0] == "!~" and calendar[0] == "=~" and steady[1] == calendar[1]
+        assert set(steady[1].split("|")) == CALENDAR_FEATURES
+        assert float(steady[2]) == THRESHOLDS["steady"][k] and float(calendar[2]) == THRESHOLDS["calendar"][k]

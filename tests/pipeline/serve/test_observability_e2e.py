@@ -7,7 +7,7 @@ recserve_request_latency_ms must agree with the p99 the load generator measured,
 Then the conditions some panels show come about for real: add_to_cart events convert shown items, a canary whose
 blender fails is rolled back by the guard, a burst past max_in_flight is shed with 503. After that every query of
 every panel of deploy/grafana/dashboards/recserve.json, its variables filled in from Prometheus, must return data;
-only the panels in tests/support/dashboard.py's EXPECTED_EMPTY (drift, whose gauges another change adds) may not.
+only the panels in tests/support/dashboard.py's EXPECTED_EMPTY may not (none now: the drift panel must show data).
 """
 
 from __future__ import annotations
@@ -270,12 +270,8 @@ def test_every_panel_shows_data(app, prometheus, small_bundle):
     while (missing := empty()) and time.monotonic() < deadline:
         time.sleep(5)
     assert not missing, "panels that show nothing:\n" + "\n".join(missing)
-    drift = [t for t in targets if t.panel in dashboard.EXPECTED_EMPTY]
-    assert drift and all(not prometheus.query(dashboard.fill(t.expr, values)) for t in drift), (
-        "drift gauges exist now: take the drift panel off EXPECTED_EMPTY"
-    )
     panels = len(board.panels)
     report(
-        f"observability e2e: {panels} panels, {len(targets)} queries; every one returns data but "
-        f"{len(drift)} drift queries ({dashboard.EXPECTED_EMPTY}); {time.monotonic() - began:.0f} s"
+        f"observability e2e: {panels} panels, {len(targets)} queries; every one returns data "
+        f"(allowed empty: {dashboard.EXPECTED_EMPTY or 'none'}); {time.monotonic() - began:.0f} s"
     )
