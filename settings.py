@@ -212,6 +212,19 @@ class ThreadSettings(_Section):
     )
 
 
+class TraceSettings(_Section):
+    """Where the test exporter writes spans. The sampling ratio and the exporter are the serve config's
+    `tracing_config` (Ray Serve's); OTLP's endpoint is OpenTelemetry's own OTEL_EXPORTER_OTLP_ENDPOINT."""
+
+    section: ClassVar[str] = "trace"
+
+    dir: Path | None = Field(
+        None,
+        validation_alias="RECSERVE_TRACE_DIR",
+        description="the folder pipeline.serve.tracing:file_exporter writes spans to, one JSON-lines file a process",
+    )
+
+
 # An API key's scopes. `admin` implies every other scope.
 SCOPES = ("events:write", "admin")
 KEY_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -361,6 +374,7 @@ class Settings(_Section):
     serve: ServeSettings = Field(default_factory=ServeSettings)
     threads: ThreadSettings = Field(default_factory=ThreadSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    trace: TraceSettings = Field(default_factory=TraceSettings)
 
     @field_validator("artifacts")
     @classmethod
@@ -387,6 +401,7 @@ def env_names() -> dict[str, str]:
         ("serve.", ServeSettings),
         ("threads.", ThreadSettings),
         ("auth.", AuthSettings),
+        ("trace.", TraceSettings),
     ):
         for field, info in cls.model_fields.items():
             if not (isinstance(info.annotation, type) and issubclass(info.annotation, _Section)):

@@ -42,3 +42,8 @@ class Knobs(BaseModel):
         32, ge=1, le=100_000, description="past this many requests in the replica, answer 503 + Retry-After at once"
     )
     chaos: Chaos | None = Field(None, description="fault injection for drills: make one stage fail or stall")
+    slow_request_ms: float = Field(
+        250.0,
+        ge=0,
+        description="a request that takes longer at the ingress (ms) is logged with its request id and trace id",
+    )

@@ -32,6 +32,7 @@ from chain.ports import FeatureStore, NullRecorder, Recorder, Stages
 from chain.retrieve import CFQuery, ContentQuery, cf_query, content_query, popular
 from chain.runtimes import ChaosStages
 from chain.score import single_source
+from chain.spans import span
 from chain.types import Candidates, Context, Item, Query, Recommendation, Scored, SourceList
 from models.bundle import ServingCore
 from models.settings import TrainSettings
@@ -165,7 +166,8 @@ class Chain:
 
     async def recommend(self, q: Query) -> Recommendation:
         try:
-            return await self._recommend(q)
+            with span("recommend", k=q.k):
+                return await self._recommend(q)
         except Exception:
             # Never a 500 for a valid request: the popularity ranking is always there.
             log.exception("recommend failed for user %s; serving popularity", q.user_id)
@@ -185,7 +187,8 @@ class Chain:
             return now
 
         k = self.knobs
-        ctx = self.fetcher.fetch(q, self.sizes.n_history, k.session_events, k.feature_store_retry_s)
+        with span("features"):
+            ctx = self.fetcher.fetch(q, self.sizes.n_history, k.session_events, k.feature_store_retry_s)
         if ctx.problem:
             reasons.append(ctx.problem)
         t = lap("features", started)
@@ -199,8 +202,9 @@ class Chain:
         async def timed(
             name: str, call: Callable[[], Awaitable[SourceList]], by: float
         ) -> tuple[SourceList | None, str | None]:
-            out = await self._guarded(name, call, by)
-            lap(name, t)
+            with span(name):
+                out = await self._guarded(name, call, by)
+                lap(name, t)
             return out
 
         (cf, cf_err), (ct, ct_err) = await asyncio.gather(
@@ -210,15 +214,19 @@ class Chain:
         reasons += [f"{name}_{err}" for name, err in (("cf", cf_err), ("content", ct_err)) if err]
         t = time.monotonic()
 
-        _, cands = candidates(ctx, cf, ct, popular(self.core.popularity, self.sizes.covering(self.sizes.n_popular, q)))
-        self.recorder.candidates(len(cands))
-        hydrated = hydrate(cands, ctx, self.snapshot, self.store.item_matrix)
-        if self.drift is not None:
-            self.drift.observe_context(ctx, hydrated.x)
-        scores, blend_err = await self._guarded(
-            "blend", lambda: self.stages.blend(hydrated.x), started + deadline * k.blend_share
-        )
-        t = lap("blend", t)
+        with span("blend"):
+            with span("filter"):
+                pop = popular(self.core.popularity, self.sizes.covering(self.sizes.n_popular, q))
+                _, cands = candidates(ctx, cf, ct, pop)
+            self.recorder.candidates(len(cands))
+            with span("hydrate", candidates=len(cands)):
+                hydrated = hydrate(cands, ctx, self.snapshot, self.store.item_matrix)
+            if self.drift is not None:
+                self.drift.observe_context(ctx, hydrated.x)
+            scores, blend_err = await self._guarded(
+                "blend", lambda: self.stages.blend(hydrated.x), started + deadline * k.blend_share
+            )
+            t = lap("blend", t)
         if blend_err is None and scores is not None:
             scored = Scored(cands, scores, "blend", hydrated.ui_times_bought)
         else:
@@ -229,9 +237,10 @@ class Chain:
             scored = Scored(cands, rung[0], rung[1], hydrated.ui_times_bought)
         if self.trace is not None:
             self.trace(cands, hydrated.x, scored)
-        positions = order(cands.items, scored.scores, q.k, self.snapshot.descriptions)
-        items = explain(scored, positions, ctx, self.snapshot)
-        lap("rules", t)
+        with span("rules"):  # the order, one item per description, and the reasons
+            positions = order(cands.items, scored.scores, q.k, self.snapshot.descriptions)
+            items = explain(scored, positions, ctx, self.snapshot)
+            lap("rules", t)
         timings["total"] = round((time.monotonic() - started) * 1000, 3)
         for r in reasons:
             self.recorder.fallback(r)

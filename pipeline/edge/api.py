@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from chain.knobs import Knobs
 from chain.recommend import Chain
 from chain.rollout import Rollout, RolloutSpec
+from chain.spans import trace_id
 from chain.types import Item, Recommendation
 from chain.types import Query as ChainQuery
 from models.data import normalize_item_id
@@ -487,8 +488,10 @@ class Edge:
         set_header: bool,
         max_in_flight: Callable[[], int],
         body_timeout_s: Callable[[], float],
+        slow_request_ms: Callable[[], float] = lambda: 250.0,
     ) -> None:
         self.app = app
+        self.slow_request_ms = slow_request_ms
         self.max_body_bytes = max_body_bytes
         self.recorder = recorder
         self.set_header = set_header
@@ -511,6 +514,8 @@ class Edge:
         started = time.perf_counter()
         rid = self.request_id(scope["headers"])
         scope.setdefault("state", {})["request_id"] = rid
+        # The trace of this request, when Serve's ingress span sampled it (the serve config's tracing_config).
+        tid = trace_id()
         status = {"code": 500, "started": False}
         path = scope.get("path", "")
         route = path if path in ROUTES else ("/items/similar" if path.startswith("/items/") else "other")
@@ -526,6 +531,8 @@ class Edge:
                 # records: a client sees how much of its wait was spent before the ingress began (queue, proxy).
                 took = (time.perf_counter() - started) * 1000
                 message["headers"] = [*message.get("headers", []), (b"server-timing", f"edge;dur={took:.2f}".encode())]
+                if tid is not None:
+                    message["headers"].append((b"x-trace-id", tid.encode()))
             await send(message)
 
         try:
@@ -539,15 +546,34 @@ class Edge:
             if body is None:
                 status["code"] = 499  # the client left before its body arrived; nobody to answer
             else:
-                await self.admit(scope, body, receive, send_with_id, route in WORK_ROUTES, rid, status)
+                await self.admit(scope, body, receive, send_with_id, route in WORK_ROUTES, rid, status, tid)
+        took = (time.perf_counter() - started) * 1000
         try:
-            recorder = self.recorder()
+            recorder, slow = self.recorder(), self.slow_request_ms()
         except Exception:  # no Api yet (a replica still starting): nothing to record into
             return
-        recorder.request(route, status["code"], (time.perf_counter() - started) * 1000)
+        recorder.request(route, status["code"], took)
+        if took >= slow:
+            log.warning(
+                "slow request %s %s: %d in %.1f ms request_id=%s trace_id=%s",
+                scope.get("method", ""),
+                path,
+                status["code"],
+                took,
+                rid,
+                tid or "-",
+            )
 
     async def admit(
-        self, scope: dict, body: bytes, receive: Callable, send: Callable, work: bool, rid: str, status: dict
+        self,
+        scope: dict,
+        body: bytes,
+        receive: Callable,
+        send: Callable,
+        work: bool,
+        rid: str,
+        status: dict,
+        tid: str | None = None,
     ) -> None:
         delivered = False
 
@@ -574,7 +600,7 @@ class Edge:
         except Exception:
             if status["started"]:
                 raise
-            log.exception("request %s failed", rid)
+            log.exception("request failed request_id=%s trace_id=%s", rid, tid or "-")
             await _error(
                 rid, 500, f"internal error: retry; if it persists, report request_id {rid} (the service logs it)"
             )(scope, receive, send)
@@ -690,6 +716,9 @@ def build_api(
         description="Ensemble recommendations (implicit ALS, MiniLM content, LightGBM LambdaRank) over Feast on Redis. "
         "Every answer that is not 2xx has the body {request_id, error, field}. Bodies are JSON in UTF-8, at most "
         "max_body_bytes (1 MB by default), as sent or gzip-compressed (Content-Encoding: gzip).",
+        # FastAPI's own request span would start a second trace, its parent read from the request's headers only:
+        # behind Serve the request's span is Serve's ingress span (pipeline/serve/tracing.py), the current one here.
+        telemetry={"tracing": False},
     )
     app.router.route_class = _JsonRoute
     # Every status the edge or a route can answer besides 2xx, each in the one shape.
@@ -822,6 +851,7 @@ def build_api(
         recorder=lambda: get().recorder,
         set_header=set_request_id,
         max_in_flight=lambda: get().chain.knobs.max_in_flight,
+        slow_request_ms=lambda: get().chain.knobs.slow_request_ms,
         body_timeout_s=body_timeout_s if callable(body_timeout_s) else lambda: body_timeout_s,
     )
     return app

@@ -13,6 +13,7 @@ code change to Serve: every replica restarts, the outage a rollout must avoid), 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,29 @@ from settings import configure_process
 MODELS_PER_REPLICA = 3
 
 
+class _ToServeLog(logging.Handler):
+    """Writes each record with Serve's replica log handlers: the replica's own log file
+    (<ray temp>/session_latest/logs/serve/replica_<app>_<deployment>_<id>.log), in Serve's format. Straight to the
+    file: Serve's MemoryHandler in front of it holds up to 1,000 records under RAY_SERVE_THROUGHPUT_OPTIMIZED and
+    writes them only when full or at an ERROR, and a warning about a request is wanted while it is news."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for handler in logging.getLogger("ray.serve").handlers:
+            target = getattr(handler, "target", None)  # a MemoryHandler's file handler
+            (target if isinstance(target, logging.Handler) else handler).handle(record)
+
+
+def serve_logs() -> None:
+    """Send the "recserve" logger's lines (warnings and errors: a failed request, a slow one with its request id
+    and trace id) to the replica's Serve log file. Left alone they reach nothing: the root logger has no handler
+    in a replica, and Python's last resort writes to sys.stderr, which Serve turns into INFO records of its own
+    logger, below the serve config's log_level (WARNING)."""
+    ours = logging.getLogger("recserve")
+    if not any(isinstance(h, _ToServeLog) for h in ours.handlers):
+        ours.addHandler(_ToServeLog())
+        ours.propagate = False
+
+
 class _Multiplexed:
     """A model deployment's stage for the request's bundle: the application's own, loaded in __init__, or another
     bundle's (a rollout arm), loaded on first use through Serve's model multiplexing."""
@@ -61,6 +85,7 @@ class _Multiplexed:
 @serve.deployment(max_ongoing_requests=64)
 class CollaborativeFilter(_Multiplexed):
     def __init__(self, bundle: str) -> None:
+        serve_logs()
         with low_priority():  # a (re)starting replica leaves the CPU to the ones serving
             configure_process(torch=True)
             self.bundle = bundle
@@ -78,6 +103,7 @@ class CollaborativeFilter(_Multiplexed):
 @serve.deployment(max_ongoing_requests=64)
 class ContentModel(_Multiplexed):
     def __init__(self, bundle: str) -> None:
+        serve_logs()
         with low_priority():
             configure_process(torch=True)
             self.bundle = bundle
@@ -114,6 +140,7 @@ class ContentModel(_Multiplexed):
 @serve.deployment(max_ongoing_requests=64)
 class Blender(_Multiplexed):
     def __init__(self, bundle: str) -> None:
+        serve_logs()
         with low_priority():
             self.process = configure_process(torch=True)
             self.bundle = bundle
@@ -195,6 +222,7 @@ class Ingress:
         content: DeploymentHandle | None = None,
         blend: DeploymentHandle | None = None,
     ) -> None:
+        serve_logs()
         with low_priority():
             process = configure_process(torch=True)
             _Current.max_body_bytes, _Current.body_timeout_s = settings.max_body_bytes, settings.body_timeout_s
