@@ -97,8 +97,8 @@ class DriftMonitor:
         log: Callable[[float, RequestFeatures, np.ndarray], None] | None = None,
     ) -> None:
         """`log(ts, features, candidate)` receives each request (time in s since the epoch, its features, one
-        candidate row drawn at random, float32 (len(CANDIDATE_COLUMNS),), NaN when it has none): the input of
-        `recserve drift report` (pipeline/serve/driftlog.py writes it)."""
+        candidate row drawn at random from those counted (the stride), float32 (len(CANDIDATE_COLUMNS),), NaN when it
+        has none): the input of `recserve drift report` (pipeline/serve/driftlog.py writes it)."""
         self.reference = reference
         self.sink = sink
         self.block, self.blocks, self.log = block, blocks, log
@@ -158,8 +158,9 @@ class DriftMonitor:
             if i is not None:
                 row[i] += 1.0
         if self.log is not None:
-            k = f.candidates.shape[0]
-            self.log(time.time(), f, f.candidates[random.randrange(k)] if k else self._no_candidate)
+            # The logged candidate is drawn from the rows counted (the stride), so the log samples what the gauges
+            # count: drawn from all of them, it disagreed with the gauges where the stride is not representative.
+            self.log(time.time(), f, c[random.randrange(n)] if n else self._no_candidate)
         self.requests += 1
         self._in_block += 1
         if self._in_block >= self.block:

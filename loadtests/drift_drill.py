@@ -12,6 +12,10 @@
    of user_total_spend), a change in the country mix (only customers outside the most frequent country), a run of
    only new users. Reported: the requests from the shift's start until a window first has a feature over the
    thresholds (per tier, chain/drift.py THRESHOLDS), the features flagged, and the monitor's values then.
+   Then the report against the gauges: the shift's first window (1,000 requests) logged as a replica logs it
+   (pipeline/serve/driftlog.py) and run through `recserve drift report` (Evidently over the reference's bins);
+   reported: per feature, the live gauges', the report's gauges' (from the log) and Evidently's verdicts, and how
+   many of the 27 agree.
 3. Cost: `DriftMonitor.observe` over the replay's real requests, µs per request (best of 5 timeit runs), with and
    without the request-feature log (pipeline/serve/driftlog.py) the report reads.
 """
@@ -174,6 +178,46 @@ def shift_stream(chain: OfflineChain, features: Features, kind: str) -> Iterator
         yield features(user(n))
 
 
+def logged_window(
+    reference: Reference, shifted: Iterator[RequestFeatures], directory: Path, version: str
+) -> tuple[DriftMonitor, pd.DataFrame]:
+    """One full window (BLOCK * BLOCKS requests) of `shifted` through a fresh monitor that logs as a replica does
+    (pipeline/serve/driftlog.py); the monitor (its gauges over exactly those requests) and the logged rows."""
+    from pipeline.serve.driftlog import DriftLog, read_window
+
+    log = DriftLog(directory, version)
+    monitor = DriftMonitor(reference, log=log.append)
+    for _, f in zip(range(BLOCK * BLOCKS), shifted, strict=False):
+        monitor.observe(f)
+    log.close()
+    return monitor, read_window(directory, version, 86400)
+
+
+def agreement(reference: Reference, shifted: Iterator[RequestFeatures], version: str) -> dict[str, Any]:
+    """`recserve drift report` over one logged window of a shift: per feature the live gauges' verdict and values,
+    the report's (gauges from the log, Evidently), and the agreement counts."""
+    from pipeline.commands.drift import report
+
+    with tempfile.TemporaryDirectory() as tmp:
+        monitor, logged = logged_window(reference, shifted, Path(tmp), version)
+        verdicts = report(reference, logged, Path(tmp) / "report.html")
+    live = set(monitor.over())
+    return {
+        "requests": len(logged),
+        "evidently_vs_log_gauges": sum(v.agree for v in verdicts),
+        "evidently_vs_live_gauges": sum(v.evidently_drift == (v.feature in live) for v in verdicts),
+        "features": len(verdicts),
+        "per_feature": {
+            v.feature: {
+                "live": [*monitor.values[v.feature], v.feature in live],
+                "log": [v.gauge_psi, v.gauge_js, v.gauge_drift],
+                "evidently": [v.evidently_psi, v.evidently_js, v.evidently_drift],
+            }
+            for v in verdicts
+        },
+    }
+
+
 def cost_us(reference: Reference, features: list[RequestFeatures], log: bool = False) -> float:
     """µs per DriftMonitor.observe over the real requests (best of 5 runs), with the request log when `log`."""
     from pipeline.serve.driftlog import DriftLog
@@ -206,6 +250,7 @@ def run(
     rep = replay(core.drift, holdout)
     judged = thresholds or rep.thresholds(margin)
     flagged = [inject(core.drift, holdout, shift_stream(chain, feats, k), k, judged) for k in shifts]
+    agreed = {k: agreement(core.drift, shift_stream(chain, feats, k), core.version) for k in shifts}
     return {
         "bundle": str(bundle),
         "holdout": {"requests": rep.requests, "windows": rep.windows, "alarms": rep.alarms},
@@ -216,6 +261,7 @@ def run(
         "thresholds": THRESHOLDS,
         "shift_thresholds": judged,
         "shifts": {f.shift: {"requests": f.requests, "features": f.features, "values": f.values} for f in flagged},
+        "report": agreed,
         "cost_us": {"monitor": cost_us(core.drift, holdout), "monitor_and_log": cost_us(core.drift, holdout, True)},
     }
 
@@ -237,6 +283,12 @@ def main() -> int:
     print(f"shifts judged by {report['shift_thresholds']}")
     for name, s in report["shifts"].items():
         print(f"shift {name}: flagged after {s['requests']} requests on {s['features']}")
+    for name, a in report["report"].items():
+        differ = [f for f, v in a["per_feature"].items() if v["evidently"][2] != v["live"][2]]
+        print(
+            f"report {name}: Evidently agrees with the log's gauges on {a['evidently_vs_log_gauges']} of "
+            f"{a['features']}, with the live gauges on {a['evidently_vs_live_gauges']} (differ: {differ})"
+        )
     print(f"cost: {report['cost_us']['monitor']:.1f} µs/request, {report['cost_us']['monitor_and_log']:.1f} with log")
     if args.out:
         args.out.write_text(json.dumps(report, indent=1, default=float) + "\n")

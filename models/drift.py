@@ -12,8 +12,10 @@ one request per invoice, in the same relation to its snapshot as a holdout reque
 request weighs 1: its user features count once, and each candidate-level feature (source, item, user-item) counts
 its candidates' histogram normalised to sum 1, so a request with 300 candidates weighs what one with 50 does.
 
-No raw rows are stored (evidently#506 is what storing them cost others): the report reconstructs a reference sample
-from the bins (`reference_sample`). Ray-free, as all of models/.
+No raw rows are stored (evidently#506 is what storing them cost others): the reference IS a binned distribution, so
+the report (pipeline/commands/drift.py) hands Evidently that representation: each logged value as its reference bin's
+label (`bin_labels`, `labels_of`) and the reference as a frame of labels whose counts reproduce the stored shares
+(`reference_counts`). Ray-free, as all of models/.
 """
 
 from __future__ import annotations
@@ -231,27 +233,46 @@ def build_reference(
     return Reference(numeric, categorical, {**(source or {}), "requests": float(total)})
 
 
-def reference_sample(ref: Reference, n: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """A sample of n rows per feature drawn from the stored bins, for tools that want rows (the Evidently report):
-    each row's bin drawn with the reference's shares, then a value uniform within the bin (the outer bins are
-    closed at the edge beyond them, one bin width out; the missing bin gives NaN; a categorical gives its category).
-    Only the bin shares are the reference's: within-bin shape is not stored."""
-    rng = np.random.default_rng(seed)
-    out: dict[str, np.ndarray] = {}
-    for name, b in ref.numeric.items():
-        k = len(b.edges)
-        which = rng.choice(b.n_bins, size=n, p=b.probs / b.probs.sum())
-        if k == 0:
-            lo = hi = np.zeros(b.n_bins - 1)
-        else:
-            width = (b.edges[-1] - b.edges[0]) / max(k - 1, 1) or 1.0
-            bounds = np.concatenate([[b.edges[0] - width], b.edges, [b.edges[-1] + width]])
-            lo, hi = bounds[:-1], bounds[1:]
-        vals = np.full(n, np.nan)
-        finite = which <= k
-        lo_f, hi_f = lo[which[finite]], hi[which[finite]]
-        vals[finite] = lo_f + rng.random(finite.sum()) * (hi_f - lo_f)
-        out[name] = vals
-    for name, c in ref.categorical.items():
-        out[name] = np.asarray(c.categories, dtype=object)[rng.choice(len(c.categories), size=n, p=c.probs)]
-    return out
+MISSING = "missing"  # the label of a numeric feature's NaN bin
+
+
+def bin_labels(bins: NumericBins) -> list[str]:
+    """A label per bin of `bins` (n_bins,): "00 (-inf, e0)", "01 [e0, e1)", ..., "k [e(k-1), inf)", then MISSING.
+    The index prefix keeps labels distinct and in order whatever the edges' rounding."""
+    bounds = [-np.inf, *bins.edges.tolist(), np.inf]
+    out = []
+    for i in range(len(bounds) - 1):
+        lo, hi = bounds[i], bounds[i + 1]
+        out.append(f"{i:02d} {'(' if i == 0 else '['}{lo:.4g}, {hi:.4g})")
+    return [*out, MISSING]
+
+
+def feature_labels(ref: Reference, name: str) -> list[str]:
+    """The labels of a feature's reference bins, in the order of its `probs`: bin labels or categories."""
+    return bin_labels(ref.numeric[name]) if name in ref.numeric else list(ref.categorical[name].categories)
+
+
+def labels_of(ref: Reference, name: str, values: np.ndarray) -> np.ndarray:
+    """object (n,): each value's reference bin label, as DriftMonitor counts it (numeric: the bin of
+    `NumericBins.bin_of`, NaN in MISSING; categorical: the category, an unlisted one as OTHER when OTHER is listed,
+    else None, which the monitor does not count)."""
+    labels = np.asarray(feature_labels(ref, name), dtype=object)
+    if name in ref.numeric:
+        return labels[ref.numeric[name].bin_of(np.asarray(values, dtype=np.float64))]
+    listed = set(ref.categorical[name].categories)
+    fallback = OTHER if OTHER in listed else None
+    return np.array([v if v in listed else fallback for v in values], dtype=object)
+
+
+def reference_counts(probs: np.ndarray, n: int) -> np.ndarray:
+    """int64 counts summing to n whose shares are `probs` (normalised first) to within 1/n each: floor(p * n), then
+    the remaining units to the largest remainders (Hamilton's method; Balinski & Young, "Fair Representation", Yale
+    University Press, 1982, ch. 2). A zero share gets 0; ties go to the lower index."""
+    p = np.asarray(probs, dtype=np.float64)
+    quota = p / p.sum() * n
+    counts = np.floor(quota).astype(np.int64)
+    left = n - int(counts.sum())
+    if left:
+        order = np.argsort(-(quota - counts), kind="stable")
+        counts[order[:left]] += 1
+    return counts

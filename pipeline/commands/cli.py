@@ -377,8 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
         "report",
         help="an Evidently report of the logged request features of a time window against the bundle's reference",
         description="Read the request features the replicas logged (drift_log_dir) in the last --window, write an "
-        "Evidently HTML report against a sample reconstructed from the bundle's reference bins, and print per "
-        "feature the gauges' and Evidently's PSI, JS distance and verdict.",
+        "Evidently HTML report against the bundle's reference (each value as its reference bin, the reference as "
+        "its stored bin shares), and print per feature the gauges' and Evidently's PSI, JS distance and verdict.",
     )
     dr.add_argument("--window", default="1h", help="how far back: e.g. 30m, 1h, 2d (default 1h)")
     dr.add_argument("--out", type=Path, default=Path("drift_report.html"), help="HTML report to write")

@@ -10,15 +10,18 @@ from scipy.spatial import distance
 
 from models.drift import (
     CANDIDATE_COLUMNS,
+    MISSING,
     OTHER,
     USER_COLUMNS,
     NumericBins,
     Reference,
     RequestFeatures,
     build_reference,
+    feature_labels,
     js_distance,
+    labels_of,
     psi,
-    reference_sample,
+    reference_counts,
     weighted_quantile_edges,
 )
 
@@ -77,13 +80,18 @@ def test_build_reference_weights_and_round_trip() -> None:
     assert again.as_json() == ref.as_json()
 
 
-def test_reference_sample_keeps_the_bin_shares() -> None:
+def test_reference_counts_and_labels_keep_the_bins() -> None:
     rng = np.random.default_rng(0)
     reqs = [(_request(float(v), "United Kingdom", True), 1.0) for v in rng.lognormal(size=400)]
-    reqs += [(_request(float("nan"), "", False), 1.0) for _ in range(100)]
+    reqs += [(_request(float("nan"), "Peru", False), 1.0) for _ in range(100)]
     ref = build_reference(reqs)
-    sample = reference_sample(ref, 50_000)
     b = ref.numeric[USER_COLUMNS[0]]
-    shares = np.bincount(b.bin_of(sample[USER_COLUMNS[0]]), minlength=b.n_bins) / 50_000
-    assert np.abs(shares - b.probs).max() < 0.01
-    assert (sample["request_known_user"] == "new").mean() == pytest.approx(0.2, abs=0.01)
+    counts = reference_counts(b.probs, 100_000)
+    assert counts.sum() == 100_000 and np.abs(counts / 100_000 - b.probs).max() <= 1e-5
+    assert reference_counts(np.array([1, 1, 1]) / 3, 10).tolist() == [4, 3, 3]  # largest remainder, ties: first
+    values = np.array([-1.0, b.edges[0], b.edges[-1] + 1, np.nan])
+    labels = labels_of(ref, USER_COLUMNS[0], values)
+    names = feature_labels(ref, USER_COLUMNS[0])
+    assert labels.tolist() == [names[i] for i in b.bin_of(values)] and labels[-1] == MISSING
+    assert labels_of(ref, "user_country", np.array(["Peru", "Chile"])).tolist() == ["Peru", OTHER]
+    assert labels_of(ref, "request_known_user", np.array(["known", "?"])).tolist() == ["known", None]
