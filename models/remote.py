@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from models.data import sha256_file
 from models.errors import BundleIntegrityError, BundleNotFoundError, BundleStoreError, ConfigError
 
 MANIFEST = "manifest.json"  # models.bundle.MANIFEST_FILE (not imported: this module loads no pandas)
@@ -181,17 +182,9 @@ def _download(uri: str, files: dict[str, str], into: Path) -> None:
 def _check_local(directory: Path, files: dict[str, str]) -> None:
     for name, expected in files.items():
         path = directory / name
-        actual = _sha256(path) if path.is_file() else None
+        actual = sha256_file(path) if path.is_file() else None
         if actual != expected:
             raise BundleIntegrityError(f"cached bundle file {path} does not match the manifest")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def publish(directory: Path, uri: str) -> str:

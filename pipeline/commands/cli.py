@@ -36,10 +36,11 @@ def _bundle(args: argparse.Namespace, settings: Settings) -> Path:
     """--bundle (a URI is fetched into this node's cache and verified), else the one LATEST names under
     --artifacts (else the settings' artifacts root)."""
     from models import bundle as bundle_mod
-    from models.remote import is_uri, localize
+    from models.remote import is_uri
+    from pipeline.serve.args import local_bundle
 
     if args.bundle is not None and is_uri(args.bundle):
-        return localize(args.bundle, settings.bundle_cache)
+        return local_bundle(args.bundle, settings.bundle_cache)
     return bundle_mod.resolve(args.bundle and Path(args.bundle), args.artifacts or settings.artifacts)
 
 

@@ -201,17 +201,23 @@ class RayHead:
         self.log = log
 
     def wait_up(self, timeout_s: float = 120) -> None:
-        began = time.monotonic()
-        while not port_open(self.port):
-            if self.proc.poll() is not None:
-                tail = self.log.read_text(errors="replace")[-1500:]
-                raise RecserveError(f"`ray start` exited with {self.proc.returncode}: {tail}")
-            if time.monotonic() - began > timeout_s:
-                raise RecserveError(f"the Ray head did not open port {self.port} in {timeout_s:.0f} s: see {self.log}")
-            time.sleep(0.3)
+        wait_node(self.proc, self.port, self.log, "the Ray head", timeout_s)
 
     def stop(self, timeout_s: float = 40) -> None:
         stop_session(self.proc, timeout_s)
+
+
+def wait_node(proc: subprocess.Popen, port: int, log: Path, what: str, timeout_s: float = 120) -> None:
+    """Until the `ray start --block` in `proc` opens `port`. Raises RecserveError, with the tail of `log`, when it
+    exits first or `timeout_s` passes."""
+    began = time.monotonic()
+    while not port_open(port):
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-1500:]
+            raise RecserveError(f"`ray start` for {what} exited with {proc.returncode}: {tail}")
+        if time.monotonic() - began > timeout_s:
+            raise RecserveError(f"{what} did not open port {port} in {timeout_s:.0f} s: see {log}")
+        time.sleep(0.3)
 
 
 def session_pids(leader: int) -> list[int]:

@@ -76,7 +76,7 @@ class AppArgs(BaseModel):
         return str((path if path.is_absolute() else PROJECT_ROOT / path).resolve())
 
 
-def local_bundle(ref: str) -> Path:
-    """The directory of the bundle `ref` names on this node: a URI is fetched into this node's cache
-    (RECSERVE_BUNDLE_CACHE) and every file verified, once per node (models/remote.py)."""
-    return localize(ref, Settings().bundle_cache)
+def local_bundle(ref: str | Path, cache: Path | None = None) -> Path:
+    """The directory of the bundle `ref` names on this node: a URI is fetched into this node's cache (`cache`, else
+    RECSERVE_BUNDLE_CACHE) and every file verified, once per node (models/remote.py)."""
+    return localize(ref, cache or Settings().bundle_cache)

@@ -20,6 +20,8 @@ import httpx
 import pytest
 import yaml
 
+from tests.support import stop_process
+
 
 def binary(name: str) -> str:
     """The path of `name` (prometheus, promtool); skips the test outside CI, fails it in CI, when it is missing."""
@@ -95,6 +97,5 @@ def running(config: dict[str, Any], workdir: Path, files: dict[str, Path] | None
     try:
         yield Prometheus(url)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_process(proc, 30)
         log.close()

@@ -14,11 +14,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.commands.serve import _bin, port_open, stop_session
+from pipeline.commands.serve import _bin, stop_session, wait_node
 
 
 @dataclass
@@ -56,14 +55,12 @@ class WorkerNode:
             f"--max-worker-port={hi}",
             "--disable-usage-stats",
         ]
-        log = (self.tmp.parent / f"{self.tmp.name}.log").open("ab")
-        env = {**os.environ, **self.env}
-        self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 90
-        while not port_open(p["node_manager"]):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the worker node did not start: see {log.name}")
-            time.sleep(0.3)
+        log = self.tmp.parent / f"{self.tmp.name}.log"
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                cmd, env={**os.environ, **self.env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        wait_node(self.proc, p["node_manager"], log, "the worker node", 90)
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -13,6 +13,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from tests.support import stop_process
+
 
 def client_for(port: int) -> redis.Redis:
     # No retries: redis-py would retry a SHUTDOWN (whose answer is a closed connection) with seconds of backoff.
@@ -62,10 +64,4 @@ class OwnRedis:
         self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import stop_process
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -87,10 +89,4 @@ class OwnS3:
         return f"s3://{name}"
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
