@@ -13,7 +13,10 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -22,6 +25,40 @@ from models.errors import BundleNotFoundError
 from settings import Settings
 
 RUNS = (("colocated", 20.0, 60.0), ("distributed", 10.0, 30.0))
+QUIET_PCT = 25.0  # the machine's CPU use (all cores, %) under which a run starts
+QUIET_WAIT_S = 120.0
+
+
+def busiest(n: int = 5) -> str:
+    """The `n` processes using the most CPU over the last second: pid, name, % of one core."""
+    procs = list(psutil.process_iter(["pid", "name"]))
+    for p in procs:
+        try:
+            p.cpu_percent(None)
+        except psutil.Error:
+            continue
+    time.sleep(1.0)
+    use = []
+    for p in procs:
+        try:
+            use.append((p.cpu_percent(None), p.info["pid"], p.info["name"]))
+        except psutil.Error:
+            continue
+    return ", ".join(f"{name}[{pid}] {pct:.0f}%" for pct, pid, name in sorted(use, reverse=True)[:n])
+
+
+def wait_quiet(label: str) -> None:
+    """Start a run on a quiet machine: up to QUIET_WAIT_S for what the previous step left running (a Ray shutting
+    down, the page cache being reclaimed after the test suite) to finish. Prints what it saw, and who was busy
+    when the machine stayed busy: the gate still runs, and its figures are read with that line."""
+    began = time.monotonic()
+    while (busy := psutil.cpu_percent(interval=3.0)) > QUIET_PCT and time.monotonic() - began < QUIET_WAIT_S:
+        pass
+    waited = time.monotonic() - began
+    line = f"[{label}] machine {busy:.0f}% busy before the run (waited {waited:.0f} s for <= {QUIET_PCT:g}%)"
+    if busy > QUIET_PCT:
+        line += f"; busiest: {busiest()}"
+    print(line, flush=True)
 
 
 def prepare() -> None:
@@ -44,6 +81,7 @@ def main() -> int:
     for name, rate, seconds in RUNS:
         system = SYSTEMS[name]
         with running(system, args.reports / f"{name}-server.log") as url:
+            wait_quiet(name)
             step = locust_step(
                 url, rate, seconds, args.reports / name, "--p99-ms", f"{args.p99_ms:g}", rate_per_user=1.0
             )
