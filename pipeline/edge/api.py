@@ -67,6 +67,7 @@ from pipeline.edge.schemas import (
     RolloutStatus,
     SimilarResponse,
 )
+from pipeline.edge.timing import proxy_wait_ms
 from pipeline.featurestore.eventlog import EventLog
 from pipeline.featurestore.events import EventSettings, EventWriter, validate_events
 from pipeline.featurestore.outcomes import Outcomes
@@ -511,7 +512,9 @@ class Edge:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
+        # The clock starts where HAProxy stamped the request (X-Request-Start, pipeline/edge/timing.py), else here.
+        waited = proxy_wait_ms(scope["headers"], time.time())
+        started = time.perf_counter() - waited / 1000
         rid = self.request_id(scope["headers"])
         scope.setdefault("state", {})["request_id"] = rid
         # The trace of this request, when Serve's ingress span sampled it (the serve config's tracing_config).
@@ -527,10 +530,11 @@ class Edge:
                     # The one X-Request-ID: ours replaces any other.
                     kept = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
                     message["headers"] = [*kept, (b"x-request-id", rid.encode())]
-                # The ingress's own clock for this request (W3C Server-Timing, ms), what recserve_request_latency_ms
-                # records: a client sees how much of its wait was spent before the ingress began (queue, proxy).
+                # This request's time on the server (W3C Server-Timing, ms), what recserve_request_latency_ms
+                # records: `edge` from HAProxy's stamp (or the edge) to the answer, `proxy` the part before the edge.
                 took = (time.perf_counter() - started) * 1000
-                message["headers"] = [*message.get("headers", []), (b"server-timing", f"edge;dur={took:.2f}".encode())]
+                timing = f"proxy;dur={waited:.2f}, edge;dur={took:.2f}".encode()
+                message["headers"] = [*message.get("headers", []), (b"server-timing", timing)]
                 if tid is not None:
                     message["headers"].append((b"x-trace-id", tid.encode()))
             await send(message)

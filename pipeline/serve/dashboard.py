@@ -70,7 +70,8 @@ def quantiles(metric: str, by: str, selector: str) -> tuple[Query, ...]:
 PANELS: tuple[PanelSpec, ...] = (
     PanelSpec(
         "Latency by route (p50, p99)",
-        "End-to-end latency in the ingress (recserve_request_latency_ms), per route; the SLO is p99 <= 100 ms on "
+        "End-to-end latency on the server, from HAProxy's X-Request-Start stamp to the answer "
+        "(recserve_request_latency_ms), per route; the SLO is p99 <= 100 ms on "
         "/recommend (deploy/alerts.yml RecserveP99High).",
         "ms",
         quantiles("ray_recserve_request_latency_ms", "route", 'route=~"$route"'),

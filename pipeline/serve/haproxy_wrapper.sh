@@ -11,6 +11,8 @@
 # connection, before the body arrives: if that replica dies then, HAProxy closes the client connection with no
 # answer (or answers 502, which Ray's errorfile turns into 500). With the option HAProxy waits for the body (up to
 # its 16 KB buffer) before choosing a replica, so such a request is replayed. Ray 2.60 does not expose the option.
+# It also stamps every request with `X-Request-Start: t=<µs since the epoch>` in Ray's `http_frontend`: the ingress
+# starts its latency clock there (pipeline/edge/timing.py), so the recorded latency holds the wait behind HAProxy.
 # The deadline: with the body buffered here, a caller that never finishes its body would otherwise hold a connection
 # for Ray's `timeout client` (an hour); the app's own 408 (body_timeout_s) then only guards a replica's own port.
 set -eu
@@ -27,6 +29,10 @@ if [ -n "$cfg" ] && ! grep -qx '    option http-buffer-request' "$cfg"; then
         echo "recserve: $cfg has no 'defaults' section to add 'option http-buffer-request' to" >&2
         exit 1
     fi
+    if ! grep -qx 'frontend http_frontend' "$cfg"; then
+        echo "recserve: $cfg has no 'frontend http_frontend' section to add the X-Request-Start stamp to" >&2
+        exit 1
+    fi
     added=$(mktemp)
     cat > "$added" <<CFG
     option http-buffer-request
@@ -35,6 +41,8 @@ if [ -n "$cfg" ] && ! grep -qx '    option http-buffer-request' "$cfg"; then
     http-error status 408 content-type application/json lf-string "{\\"request_id\\":\\"%[unique-id]\\",\\"error\\":\\"the request did not arrive within ${timeout} s: send the whole request at once, then retry\\",\\"field\\":\\"body\\"}" hdr X-Request-ID "%[unique-id]"
 CFG
     sed -i "/^defaults\$/r $added" "$cfg"
+    # HAProxy's clock when the request (whole, as buffered above) reached its frontend, replacing any client value.
+    sed -i '/^frontend http_frontend$/a\    http-request set-header X-Request-Start t=%[date(0,us)]' "$cfg"
     rm -f "$added"
 fi
 exec "$real" "$@"

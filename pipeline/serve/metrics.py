@@ -41,7 +41,8 @@ class RayRecorder:
         )
         self._latency = metrics.Histogram(
             "recserve_request_latency_ms",
-            description="end-to-end latency in the ingress",
+            description="end-to-end latency on the server: from HAProxy's X-Request-Start stamp (else the ingress's "
+            "receipt) to the answer",
             boundaries=LATENCY_MS,
             tag_keys=("route",),
         )

