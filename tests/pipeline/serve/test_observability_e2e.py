@@ -143,7 +143,9 @@ def test_targets_up_and_promql_p99_agrees_with_the_load_generator(app, prometheu
     t0 = time.time()
 
     began = time.monotonic()
-    thread, run = open_loop(app, RATE, SECONDS, lambda i: {"user_id": ids[i % len(ids)], "k": 10})
+    # aiohttp: the lighter client, so the load generator's figure holds little of its own time (tests/support/load.py).
+    body = lambda i: {"user_id": ids[i % len(ids)], "k": 10}  # noqa: E731
+    thread, run = open_loop(app, RATE, SECONDS, body, client="aiohttp")
     thread.join(SECONDS + 60)
     answered = [o for o in run.outcomes if o.status]
     assert len(run.outcomes) == RATE * SECONDS and not run.failed(), run.failed()[:5]
@@ -155,19 +157,21 @@ def test_targets_up_and_promql_p99_agrees_with_the_load_generator(app, prometheu
     expr = f"histogram_quantile(0.99, sum by (le) ({LATENCY}) - sum by (le) ({LATENCY} @ {t0:.3f}))"
     (sample,) = prometheus.query(expr, at=t1)
     promql_p99, client_p99, ingress_p99 = float(sample["value"][1]), run.p99_ms(), run.server_p99_ms()
-    width = bucket_width(max(promql_p99, ingress_p99))
+    width = bucket_width(max(promql_p99, ingress_p99, client_p99))
     report(
         f"observability e2e: {len(run.outcomes)} requests at {RATE}/s for {SECONDS} s: PromQL histogram_quantile "
-        f"p99 {promql_p99:.1f} ms; the load generator's p99 {client_p99:.1f} ms as it waited, {ingress_p99:.1f} ms "
-        f"by the ingress's clock (Server-Timing); bucket width {width:.0f} ms; scraped {took:.0f} s after the run; "
+        f"p99 {promql_p99:.1f} ms; the load generator's p99 {client_p99:.1f} ms as it waited (aiohttp), "
+        f"{ingress_p99:.1f} ms by the server's clock from HAProxy's stamp (Server-Timing); bucket width "
+        f"{width:.0f} ms; scraped {took:.0f} s after the run; "
         f"{time.monotonic() - began:.0f} s in all"
     )
     # The histogram of the same requests on the same clock, through Ray's agent, the scrape and histogram_quantile:
     # within one bucket of what the load generator was told of each request.
     assert abs(promql_p99 - ingress_p99) <= width, (promql_p99, ingress_p99, width)
-    # What a client waits also holds the time before the ingress's clock starts (the proxy hop, the replica's
-    # socket and event loop): never less than the ingress's quantile, less a bucket.
-    assert client_p99 >= promql_p99 - width, (client_p99, promql_p99)
+    # The bar: within the bucket resolution of the p99 the load generator measured. The server's clock
+    # starts at HAProxy's X-Request-Start stamp (pipeline/edge/timing.py), so what the client waits beyond it is
+    # the loopback hops and the client itself.
+    assert abs(client_p99 - promql_p99) <= width, (client_p99, promql_p99, width)
 
 
 def converts(client: httpx.Client, ids: list[str]) -> int:
