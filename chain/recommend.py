@@ -8,7 +8,8 @@
 
 Every failure below the HTTP edge ends in a ranked answer flagged `degraded`, with the reason: a stage that errs or
 misses its share of the deadline is skipped (and, after `breaker_failures` in a row, not called for
-`breaker_open_s`); a failure anywhere else answers the popularity ranking (`internal_error`).
+`breaker_open_s`, then probed in the background: chain/breaker.py); a failure anywhere else answers the popularity
+ranking (`internal_error`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from chain.breaker import Breaker
 from chain.context import ContextFetcher
 from chain.drift import DriftMonitor
 from chain.explain import POPULAR_REASON, explain
@@ -40,12 +42,6 @@ from models.snapshot import Snapshot
 
 T = TypeVar("T")
 log = logging.getLogger("recserve")
-
-
-def _consume(task: asyncio.Future) -> None:
-    """Retrieve an abandoned task's outcome, so asyncio does not log it as never retrieved."""
-    if not task.cancelled():
-        task.exception()
 
 
 class Sizes:
@@ -108,11 +104,9 @@ class Chain:
         self._store_state = store_state
         self._loud = recorder  # what a twin that is not quiet records into, even when this chain is a quiet one
         self.recorder = recorder
-        # Per stage: consecutive failures, and until when it is skipped. A model replica that died leaves calls
-        # hanging to the deadline (about 60 ms each in the distributed app) until Ray replaces it, ~25 s here;
-        # skipped, the ladder answers at once.
-        self._failures: dict[str, int] = {}
-        self._open_until: dict[str, float] = {}
+        # Per stage: a model replica that died leaves calls hanging to the deadline (about 60 ms each in the
+        # distributed app) until Ray replaces it, ~25 s here; skipped, the ladder answers at once.
+        self._breakers: dict[str, Breaker] = {}
         # Sees each request's candidates, feature rows and scores (the parity test compares them with offline's).
         self.trace: Callable[[Candidates, np.ndarray, Scored], None] | None = None
         # Drift of the blender's inputs against the bundle's reference (chain/drift.py); off for a bundle without
@@ -136,33 +130,13 @@ class Chain:
         self.sizes = Sizes(self.core.settings, int(self.snapshot.item_ids.shape[0]), knobs)
 
     async def _guarded(self, stage: str, call: Callable[[], Awaitable[T]], until: float) -> tuple[T | None, str | None]:
-        """`_within` behind a circuit breaker: "unavailable" without a call while the stage is skipped."""
-        if time.monotonic() < self._open_until.get(stage, 0.0):
-            return None, "unavailable"
-        out, err = await self._within(call(), until)
-        if err is None:
-            self._failures[stage] = 0
-        else:
-            self._failures[stage] = self._failures.get(stage, 0) + 1
-            if self._failures[stage] >= self.knobs.breaker_failures:
-                self._failures[stage] = 0
-                self._open_until[stage] = time.monotonic() + self.knobs.breaker_open_s
-        return out, err
-
-    @staticmethod
-    async def _within(call: Awaitable[T], until: float) -> tuple[T | None, str | None]:
-        """The call's result by `until` (monotonic s), or why not. The deadline is hard: a late call is cancelled
-        and left behind, never awaited (asyncio.wait_for waits for the cancellation to finish, and a call to a
-        dead replica's handle took seconds to cancel)."""
-        task = asyncio.ensure_future(call)
-        done, _ = await asyncio.wait({task}, timeout=max(until - time.monotonic(), 0.0))
-        if not done:
-            task.cancel()
-            task.add_done_callback(_consume)
-            return None, "timeout"
-        if task.exception() is not None:
-            return None, "error"
-        return task.result(), None
+        """The stage's call by `until` behind its circuit breaker (chain/breaker.py): "unavailable" without a call
+        while the stage is skipped."""
+        k = self.knobs
+        breaker = self._breakers.setdefault(stage, Breaker(stage))
+        return await breaker.call(
+            call, until, failures=k.breaker_failures, open_s=k.breaker_open_s, probe_s=k.deadline_ms / 1000
+        )
 
     async def recommend(self, q: Query) -> Recommendation:
         try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import httpx
 import numpy as np
@@ -272,13 +271,24 @@ def test_past_the_in_flight_limit_requests_are_shed_with_retry_after_and_service
     assert call(client, "POST", "/recommend", json=body).status_code == 200  # nothing stays counted
 
 
-def test_a_failing_stage_is_skipped_after_three_failures_then_tried_again(core, slice_online, stages):
+def test_a_failing_stage_is_skipped_after_three_failures_then_probed_in_the_background(core, slice_online, stages):
     s = service(core, slice_online, stages, chaos=Chaos(stage="cf", mode="error"), breaker_open_s=0.3)
-    reasons = [run(s.recommend(Query(f"breaker-{n}", k=5))).fallback_reason for n in range(4)]
+
+    async def requests() -> list[str | None]:
+        reasons = [(await s.recommend(Query(f"breaker-{n}", k=5))).fallback_reason for n in range(4)]
+        await asyncio.sleep(0.35)
+        # Half-open: this request starts the probe and does not wait for it; the probe fails (chaos): open again
+        reasons.append((await s.recommend(Query("breaker-probe", k=5))).fallback_reason)
+        await asyncio.sleep(0.05)
+        reasons.append(s._breakers["cf"].state)
+        s.reconfigure(s.knobs.model_copy(update={"chaos": None}))
+        await asyncio.sleep(0.35)
+        reasons.append((await s.recommend(Query("breaker-probe-again", k=5))).fallback_reason)
+        await asyncio.sleep(0.05)  # the probe answers: closed
+        r = await s.recommend(Query("breaker-healed", k=5))
+        assert not r.degraded and len(r.items) == 5
+        return reasons
+
+    reasons = run(requests())
     assert reasons[:3] == ["cf_error"] * 3 and reasons[3] == "cf_unavailable"  # open: no call at all
-    time.sleep(0.35)
-    assert run(s.recommend(Query("breaker-again", k=5))).fallback_reason == "cf_error"  # half-open: one try
-    s.reconfigure(s.knobs.model_copy(update={"chaos": None}))
-    time.sleep(0.35)
-    r = run(s.recommend(Query("breaker-healed", k=5)))
-    assert not r.degraded and len(r.items) == 5
+    assert reasons[4:] == ["cf_unavailable", "open", "cf_unavailable"]
