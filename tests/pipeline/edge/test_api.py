@@ -17,7 +17,7 @@ import pytest
 from ray.serve._private.http_util import _apply_middlewares
 
 from models.data import normalize_item_id
-from pipeline.edge.api import Api, build_api
+from pipeline.edge.api import DRAIN_FACTOR, Api, build_api
 from pipeline.serve.args import AppArgs
 from pipeline.serve.local import make_api
 from pipeline.serve.request_id import REQUEST_ID, serve_middlewares
@@ -153,13 +153,40 @@ def test_a_chunked_body_over_the_limit_is_413_like_a_declared_one(url):
         "error": f"the body exceeds {MAX_BODY} bytes, the limit: send less",
         "field": "body",
     }
-    assert chunked.header("connection") == "close"  # the rest of the body is never read
+    assert "connection" not in chunked.headers  # read to its end: the connection can carry the next request
     declared = send(url, post("/recommend", big, "Content-Type: application/json"), big)
     assert declared.status == 413 and f"the limit is {MAX_BODY}" in one_shape(declared)["error"]
     # Just under the limit, chunked, is read and answered.
     ok = b'{"user_id": "12347", "k": 2, "context": {"pad": "' + b"x" * (MAX_BODY - 100) + b'"}}'
     fine = send(url, head, chunks=[b"%x\r\n%s\r\n" % (len(ok), ok), b"0\r\n\r\n"])
     assert fine.status == 200 and len(fine.json["items"]) == 2
+
+
+def test_a_refused_body_is_read_to_its_end_so_the_connection_carries_the_next_request(url):
+    """HAProxy closes a client connection whose request body was not all read, without telling the client (it drops
+    the replica's `Connection: close`): the next request on it failed with no answer. So the edge reads a refused
+    body to its end, up to DRAIN_FACTOR x the limit; past that it answers and closes."""
+    big = b'{"user_id": "' + b"x" * (2 * MAX_BODY) + b'"}'
+    small = b'{"user_id": "12347", "k": 2}'
+    began = time.monotonic()
+    s = connect(url, post("/recommend", big, "Content-Type: application/json"))
+    try:
+        s.sendall(big)
+        refused = read_answer(s, began)
+        assert refused.status == 413 and "connection" not in refused.headers, refused.headers
+        s.sendall(post("/recommend", small, "Content-Type: application/json") + small)
+        after = read_answer(s, began)
+        assert after.status == 200 and len(after.json["items"]) == 2
+    finally:
+        s.close()
+    huge = DRAIN_FACTOR * MAX_BODY + 1  # declared, never sent: not worth reading
+    s = connect(url, f"POST /recommend HTTP/1.1\r\nHost: edge\r\nContent-Length: {huge}\r\n\r\n".encode())
+    try:
+        closed = read_answer(s, time.monotonic())
+        assert closed.status == 413 and closed.header("connection") == "close"
+        assert s.recv(65536) == b""  # and closed
+    finally:
+        s.close()
 
 
 def test_a_body_that_is_not_utf8_is_400_naming_body(url):
