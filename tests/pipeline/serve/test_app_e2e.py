@@ -223,6 +223,11 @@ def test_through_serve_the_edge_answers_in_one_shape_with_one_request_id(app):
 
     big = client.post("/recommend", content=chunks(), headers=JSON)  # chunked: no Content-Length
     assert big.status_code == 413 and big.json()["field"] == "body", big.text[:300]
+    # The same keep-alive connection carries the next request: the edge read the refused body to its end (HAProxy
+    # had closed such connections silently; 12 of 60 requests after a chunked 413 failed with no answer).
+    for _ in range(20):
+        assert client.post("/recommend", content=chunks(), headers=JSON).status_code == 413
+        assert client.post("/recommend", json={"user_id": "12347", "k": 2}).status_code == 200
 
 
 def test_metrics_show_the_stage_histograms_after_traffic(app):
@@ -453,7 +458,11 @@ def test_killing_a_model_replica_costs_no_failure_and_no_late_answer(app, small_
     os.kill(live[0]["pid"], signal.SIGKILL)
     thread.join(90)
     degraded = sum(o.degraded for o in run.outcomes)
-    _report(f"CF replica {live[0]['pid']} killed under 20 req/s: {_summary(run)}")
+    late = sum(o.ms > deadline_ms / 2 for o in run.outcomes)
+    _report(
+        f"CF replica {live[0]['pid']} killed under 20 req/s: {_summary(run)} (the server's {run.server_p99_ms():.0f} "
+        f"ms); {late} answers took over CF's share of the deadline ({deadline_ms / 2:.0f} ms)"
+    )
     assert len(run.outcomes) == 600 and not run.failed(), run.failed()[:5]
     assert run.p99_ms() <= deadline_ms + 20
     assert degraded > 0  # the ladder answered without CF while Ray replaced it
