@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import psutil
 
@@ -62,17 +61,6 @@ def wait_quiet(label: str) -> None:
     print(line, flush=True)
 
 
-def cpu_share(before: Any, after: Any) -> tuple[float, float]:
-    """The machine's CPU busy and stolen shares (%, all cores) between two psutil.cpu_times() readings. Steal is
-    time the hypervisor gave another guest while this one wanted to run: a run with much of it measured a slower
-    machine, not the code."""
-    # Linux counts guest time inside user time already.
-    spent = {f: getattr(after, f) - getattr(before, f) for f in after._fields if not f.startswith("guest")}
-    total = sum(spent.values()) or 1.0
-    idle = spent.get("idle", 0.0) + spent.get("iowait", 0.0)
-    return 100 * (total - idle) / total, 100 * spent.get("steal", 0.0) / total
-
-
 def prepare() -> None:
     recserve = str(BIN / "recserve")
     try:
@@ -94,11 +82,14 @@ def main() -> int:
         system = SYSTEMS[name]
         with running(system, args.reports / f"{name}-server.log") as url:
             wait_quiet(name)
-            before = psutil.cpu_times()
+            psutil.cpu_times_percent(None)  # the run's shares are since this call
             step = locust_step(
                 url, rate, seconds, args.reports / name, "--p99-ms", f"{args.p99_ms:g}", rate_per_user=1.0
             )
-            busy, steal = cpu_share(before, psutil.cpu_times())
+            # Busy and stolen shares of all cores over the run. Steal is time the hypervisor gave another guest
+            # while this one wanted to run: a run with much of it measured a slower machine, not the code.
+            shares = psutil.cpu_times_percent(None)
+            busy, steal = 100 - shares.idle - getattr(shares, "iowait", 0.0), getattr(shares, "steal", 0.0)
         print(
             f"[{name}, {rate:g} req/s for {seconds:g} s at {url}] {step.line}; machine {busy:.0f}% busy, "
             f"{steal:.1f}% stolen by the hypervisor",

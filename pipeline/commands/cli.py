@@ -91,9 +91,9 @@ def cmd_bundle_push(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bundle_fetch(args: argparse.Namespace, settings: Settings) -> int:
-    from models.remote import localize
+    from pipeline.serve.args import local_bundle
 
-    path = localize(args.uri, args.cache or settings.bundle_cache)
+    path = local_bundle(args.uri, args.cache or settings.bundle_cache)
     print(path)
     return 0
 

@@ -195,12 +195,9 @@ def test_a_post_in_flight_on_a_killed_replica_is_answered_by_the_other(tmp_path)
         time.sleep(1.0)
         assert asyncio.run(drill()) == ["200"] * 3
     finally:
-        haproxy.terminate()
-        haproxy.wait(10)
+        stop_process(haproxy)
         for p in replicas.values():
-            if p.poll() is None:
-                p.terminate()
-                p.wait(10)
+            stop_process(p)
 
 
 def test_a_request_that_never_finishes_gets_408_in_the_one_error_shape(tmp_path):
@@ -233,8 +230,7 @@ def test_a_request_that_never_finishes_gets_408_in_the_one_error_shape(tmp_path)
         assert "within 1 s" in answer["error"] and headers["x-request-id"] == answer["request_id"]
         assert 0.8 < waited < 5
     finally:
-        haproxy.terminate()
-        haproxy.wait(10)
+        stop_process(haproxy)
 
 
 # A replica that answers each request with the X-Request-Start values it was given, one per line.
