@@ -26,7 +26,7 @@ import yaml
 
 from chain.rollout import ArmSpec, Guard, RolloutSpec
 from pipeline.commands.serve import http_get
-from pipeline.serve.metrics import LATENCY_MS
+from pipeline.serve.metrics import REQUEST_LATENCY_MS
 from settings import ServeSettings
 from tests.conftest import ROOT
 from tests.support import dashboard
@@ -112,8 +112,8 @@ def scraped_count(prom: Prometheus) -> float:
 
 
 def bucket_width(ms: float) -> float:
-    """The width of the LATENCY_MS bucket that holds `ms` (the last finite one past its bound)."""
-    bounds = [0.0, *LATENCY_MS]
+    """The width of the REQUEST_LATENCY_MS bucket that holds `ms` (the last finite one past its bound)."""
+    bounds = [0.0, *REQUEST_LATENCY_MS]
     for lo, hi in itertools.pairwise(bounds):
         if ms <= hi:
             return hi - lo
