@@ -17,6 +17,7 @@ import uuid
 import zlib
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Query, Request, Security
@@ -545,13 +546,13 @@ class Edge:
                     message["headers"].append((b"x-trace-id", tid.encode()))
             await send(message)
 
-        read = {"ended": False, "bytes": 0}
+        read = BodyRead()
         try:
             body = await self.read_body(scope, receive, read)
         except RecserveError as exc:
             response = _answer(rid, exc)
             stalled = isinstance(exc, BodyTimeoutError)
-            if not read["ended"] and (stalled or not await self.drain(scope, receive, read)):
+            if not read.ended and (stalled or not await self.drain(scope, receive, read)):
                 # The rest of the body is still on its way: close the connection after the answer.
                 response.headers["Connection"] = "close"
             await response(scope, receive, send_with_id)
@@ -628,37 +629,34 @@ class Edge:
             return
         recorder.in_flight(self.in_flight)
 
-    async def drain(self, scope: dict, receive: Callable, read: dict) -> bool:
+    async def drain(self, scope: dict, receive: Callable, read: BodyRead) -> bool:
         """Read and drop the rest of a refused body; True when it ended within DRAIN_FACTOR x the body limit and the
         body deadline (the connection can carry the next request), False otherwise."""
         cap = DRAIN_FACTOR * self.max_body_bytes()
-        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-        if length is not None and length.isdigit() and int(length) > cap:
+        if (declared_length(scope["headers"]) or 0) > cap:
             return False
         try:
             async with asyncio.timeout(self.body_timeout_s()):
-                while read["bytes"] <= cap:
+                while read.received <= cap:
                     message = await receive()
                     if message["type"] == "http.disconnect":
                         return False
-                    read["bytes"] += len(message.get("body", b""))
-                    if not message.get("more_body", False):
-                        read["ended"] = True
-                        return read["bytes"] <= cap
+                    read.received += len(message.get("body", b""))
+                    read.ended = not message.get("more_body", False)
+                    if read.ended:
+                        return read.received <= cap
         except TimeoutError:
             pass
         return False
 
-    async def read_body(self, scope: dict, receive: Callable, read: dict | None = None) -> bytes | None:
-        """The whole body, decoded; None when the client disconnected first. `read` (when given) is kept up to
-        date: "bytes" received, and whether the body "ended". Raises BodyTooLargeError, BodyTimeoutError,
-        UnsupportedMediaTypeError or MalformedBodyError."""
-        read = read if read is not None else {"ended": False, "bytes": 0}
+    async def read_body(self, scope: dict, receive: Callable, read: BodyRead) -> bytes | None:
+        """The whole body, decoded; None when the client disconnected first. `read` follows what has come of it.
+        Raises BodyTooLargeError, BodyTimeoutError, UnsupportedMediaTypeError or MalformedBodyError."""
         headers = scope["headers"]
         limit, timeout = self.max_body_bytes(), self.body_timeout_s()
-        length = next((v for k, v in headers if k == b"content-length"), None)
-        if length is not None and length.isdigit() and int(length) > limit:
-            raise BodyTooLargeError(f"the body is {int(length)} bytes; the limit is {limit}: send less", "body")
+        length = declared_length(headers)
+        if length is not None and length > limit:
+            raise BodyTooLargeError(f"the body is {length} bytes; the limit is {limit}: send less", "body")
         coding = b",".join(v for k, v in headers if k == b"content-encoding").decode("latin-1")
         codings = [c.strip().lower() for c in coding.split(",") if c.strip().lower() not in ("", "identity")]
         if codings and (len(codings) > 1 or codings[0] not in DECODED):
@@ -669,7 +667,6 @@ class Edge:
                 {"Accept-Encoding": "gzip"},
             )
         chunks: list[bytes] = []
-        received = 0
         try:
             async with asyncio.timeout(timeout):
                 while True:
@@ -677,17 +674,17 @@ class Edge:
                     if message["type"] == "http.disconnect":
                         return None
                     chunk = message.get("body", b"")
-                    received += len(chunk)
-                    read["bytes"], read["ended"] = received, not message.get("more_body", False)
-                    if received > limit:
+                    read.received += len(chunk)
+                    read.ended = not message.get("more_body", False)
+                    if read.received > limit:
                         raise BodyTooLargeError(f"the body exceeds {limit} bytes, the limit: send less", "body")
                     chunks.append(chunk)
-                    if read["ended"]:
+                    if read.ended:
                         break
         except TimeoutError:
-            expected = f"of {int(length)} " if length is not None and length.isdigit() else ""
+            expected = f"of {length} " if length is not None else ""
             raise BodyTimeoutError(
-                f"the body did not arrive within {timeout:g} s ({received} bytes {expected}came): "
+                f"the body did not arrive within {timeout:g} s ({read.received} bytes {expected}came): "
                 "send the whole request at once, then retry",
                 "body",
             ) from None
@@ -700,6 +697,20 @@ class Edge:
                 (b"content-length", str(len(body)).encode()),
             ]
         return body
+
+
+@dataclass
+class BodyRead:
+    """How far a request's body has come in: bytes received, and whether its last part has."""
+
+    received: int = 0
+    ended: bool = False
+
+
+def declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """The body's Content-Length, when the request declares a valid one."""
+    length = next((v for k, v in headers if k == b"content-length"), None)
+    return int(length) if length is not None and length.isdigit() else None
 
 
 def gunzip(data: bytes, limit: int) -> bytes:
