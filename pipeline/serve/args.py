@@ -55,6 +55,14 @@ class AppArgs(BaseModel):
         description="colocated: ingress replicas when the serve config's Ingress sets no num_replicas; default one "
         "per core of the node that builds the app (each holds the models; HAProxy balances over them)",
     )
+    load_settle_s: float = Field(
+        0.0,
+        ge=0,
+        le=60,
+        description="a rollout's bundle loads wait this long before the replicas take turns to load, so that "
+        "Serve's one-replica-at-a-time config update and HAProxy's reloads have passed (pipeline/serve/guard.py); "
+        "about 0.5 s a replica plus 1 s",
+    )
     watch_store: bool = Field(
         True, description="check the bundle's rows in Redis twice a second; restore them after a loss (one replica)"
     )

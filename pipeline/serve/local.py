@@ -180,7 +180,7 @@ def make_api(
         load=load,
         bundle_key=lambda ref: settings.model_copy(update={"bundle": ref}).bundle_ref(),
         ledger=RollbackLedger(store, shared),
-        turns=LoadTurns(store, client=shared),
+        turns=LoadTurns(store, client=shared, settle_s=settings.load_settle_s),
         outcomes=Outcomes(shared, store.project, settings.outcomes, rec),
     )
     try:

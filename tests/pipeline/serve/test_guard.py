@@ -265,6 +265,30 @@ def test_replicas_take_turns_to_load_and_without_redis_nobody_waits(store_settin
     assert asyncio.run(alone()) < 1.0
 
 
+def test_a_load_waits_the_settle_time_before_its_turn(store_settings):
+    """settle_s lets Serve's one-replica-at-a-time config update and HAProxy's reloads pass before any replica
+    loads: the first load starts no sooner than settle_s after it asked, the next after the first is done."""
+    project = f"settle_{time.time_ns()}"
+    turns = [LoadTurns(store_settings.model_copy(update={"project": project}), settle_s=0.4) for _ in range(2)]
+    held: list[tuple[float, float]] = []
+
+    async def load(t: LoadTurns) -> float:
+        async with t.turn() as waited:
+            began = time.monotonic()
+            await asyncio.sleep(0.2)
+            held.append((began, time.monotonic()))
+            return waited
+
+    async def both() -> tuple[float, list[float]]:
+        asked = time.monotonic()
+        return asked, await asyncio.gather(*(load(t) for t in turns))
+
+    asked, waited = asyncio.run(both())
+    held.sort()
+    assert held[0][0] - asked >= 0.4 and held[0][1] <= held[1][0], (asked, held)
+    assert min(waited) >= 0.4 and max(waited) >= 0.6, waited  # the second also waited out the first's turn
+
+
 def test_each_round_reports_every_arms_share_and_an_arm_that_left_goes_to_zero(
     api, recording, small_bundle, second_bundle, store_settings
 ):
