@@ -16,12 +16,10 @@ half-open" variant. Plain asyncio; one instance per stage per chain, used from o
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import time
-import types
-from collections.abc import Awaitable, Callable, Coroutine, Generator
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 T = TypeVar("T")
 log = logging.getLogger("recserve")
@@ -33,47 +31,11 @@ def _consume(task: asyncio.Future) -> None:
         task.exception()
 
 
-@types.coroutine
-def _resume(coro: Coroutine[Any, Any, T], pending: Any) -> Generator[Any, Any, T]:
-    """Drive a coroutine that already ran its first step and is suspended on `pending`, as `yield from` would
-    (PEP 380): what it waits on is handed up to the task running this, and sends, throws and cancellation go down."""
-    while True:
-        try:
-            sent = yield pending
-        except BaseException as exc:  # a cancellation (or any throw) goes to the coroutine, which may handle it
-            try:
-                pending = coro.throw(exc)
-            except StopIteration as stop:
-                return stop.value
-        else:
-            try:
-                pending = coro.send(sent)
-            except StopIteration as stop:
-                return stop.value
-
-
 async def within(call: Awaitable[T], until: float) -> tuple[T | None, str | None]:
     """The call's result by `until` (time.monotonic() seconds), or why not: "timeout" or "error". The deadline is
     hard: a late call is cancelled and left behind, never awaited (asyncio.wait_for waits for the cancellation to
-    finish, and a call to a dead replica's handle took seconds to cancel).
-
-    The call's first step runs at once, in a context of its own, as Python 3.12's eager tasks run it
-    (asyncio.eager_task_factory): a stage that runs in this process (colocated, no worker thread) finishes there,
-    without a task and a timer (about 0.1 ms of CPU a request here over three stages). Only a call that suspends
-    (a handle, a thread, a chaos delay) gets a task and the deadline; an inline call cannot be interrupted anyway."""
-    if not asyncio.iscoroutine(call):
-        return await _bounded(asyncio.ensure_future(call), until)
-    context = contextvars.copy_context()
-    try:
-        pending = context.run(call.send, None)
-    except StopIteration as stop:
-        return stop.value, None
-    except Exception:
-        return None, "error"
-    return await _bounded(asyncio.get_running_loop().create_task(_resume(call, pending), context=context), until)
-
-
-async def _bounded(task: asyncio.Future[T], until: float) -> tuple[T | None, str | None]:
+    finish, and a call to a dead replica's handle took seconds to cancel)."""
+    task = asyncio.ensure_future(call)
     done, _ = await asyncio.wait({task}, timeout=max(until - time.monotonic(), 0.0))
     if not done:
         task.cancel()

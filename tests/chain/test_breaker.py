@@ -4,7 +4,6 @@ and one that answers."""
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import time
 
 from chain.breaker import Breaker, within
@@ -83,40 +82,3 @@ def test_half_open_probes_in_the_background_and_closes_only_when_the_probe_answe
         assert await b.call(stage, time.monotonic() + 1, **knobs) == ("answer", None)
 
     asyncio.run(go())
-
-
-def test_within_runs_an_inline_call_at_once_and_a_suspending_one_in_a_context_of_its_own():
-    """An inline stage (colocated) finishes in within's first step, with no task; a stage that suspends keeps its
-    context variables to itself (a span entered before the suspension resets in the same context), and a late one
-    is cancelled: the cancellation reaches the stage's own code."""
-    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="caller")
-    seen: list[str] = []
-
-    async def inline() -> int:
-        return len(asyncio.all_tasks())
-
-    async def suspending(delay: float) -> str:
-        token = var.set("stage")
-        try:
-            await asyncio.sleep(delay)
-            seen.append(var.get())
-            return "late" if delay > 0.5 else "answer"
-        except asyncio.CancelledError:
-            seen.append("cancelled")
-            raise
-        finally:
-            var.reset(token)  # raises ValueError if the stage resumed in another context than it set the var in
-
-    async def go() -> list[object]:
-        tasks_before = len(asyncio.all_tasks())
-        out: list[object] = [await within(inline(), time.monotonic() + 1), tasks_before]
-        out.append(await within(suspending(0.01), time.monotonic() + 1))
-        out.append(var.get())  # the stage's set did not leak into the caller
-        out.append(await within(suspending(5.0), time.monotonic() + 0.02))
-        await asyncio.sleep(0.01)  # the cancelled call's cancellation runs
-        return out
-
-    tasks_inline, tasks_before, answered, caller_var, late = asyncio.run(go())
-    assert tasks_inline == (tasks_before, None)  # no task was made for the inline call
-    assert answered == ("answer", None) and caller_var == "caller" and late == (None, "timeout")
-    assert seen == ["stage", "cancelled"]
