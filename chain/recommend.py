@@ -133,7 +133,9 @@ class Chain:
         """The stage's call by `until` behind its circuit breaker (chain/breaker.py): "unavailable" without a call
         while the stage is skipped."""
         k = self.knobs
-        breaker = self._breakers.setdefault(stage, Breaker(stage))
+        breaker = self._breakers.get(stage)
+        if breaker is None:  # made once per stage, not on every call
+            breaker = self._breakers[stage] = Breaker(stage)
         return await breaker.call(
             call, until, failures=k.breaker_failures, open_s=k.breaker_open_s, probe_s=k.deadline_ms / 1000
         )

@@ -638,11 +638,8 @@ class Edge:
         try:
             async with asyncio.timeout(self.body_timeout_s()):
                 while read.received <= cap:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
+                    if await read.take(receive) is None:
                         return False
-                    read.received += len(message.get("body", b""))
-                    read.ended = not message.get("more_body", False)
                     if read.ended:
                         return read.received <= cap
         except TimeoutError:
@@ -670,12 +667,9 @@ class Edge:
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
+                    chunk = await read.take(receive)
+                    if chunk is None:
                         return None
-                    chunk = message.get("body", b"")
-                    read.received += len(chunk)
-                    read.ended = not message.get("more_body", False)
                     if read.received > limit:
                         raise BodyTooLargeError(f"the body exceeds {limit} bytes, the limit: send less", "body")
                     chunks.append(chunk)
@@ -705,6 +699,16 @@ class BodyRead:
 
     received: int = 0
     ended: bool = False
+
+    async def take(self, receive: Callable) -> bytes | None:
+        """The body's next part from the ASGI `receive`, counted here; None when the client disconnected."""
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        self.received += len(chunk)
+        self.ended = not message.get("more_body", False)
+        return chunk
 
 
 def declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
