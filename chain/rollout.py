@@ -313,7 +313,9 @@ class Rollout:
 
     `key(bundle)` names a bundle as the spec may write it in several ways (relative or absolute): the same key,
     the same chain. `turn()` is held while a bundle loads and warms: the application's replicas take turns
-    (pipeline/serve/guard.LoadTurns), so they are never all loading at once."""
+    (pipeline/serve/guard.LoadTurns), so they are never all loading at once. A switch that readies any chain first
+    waits `settle_s` seconds, once: the platform's own work for the change (Serve's one-replica-at-a-time config
+    update, HAProxy's reloads; pipeline/serve/guard.py) passes before the loads take the CPU."""
 
     def __init__(
         self,
@@ -322,8 +324,10 @@ class Rollout:
         load: Callable[[str], Awaitable[Chain]] | None = None,
         key: Callable[[str], str] = str,
         turn: Callable[[], AbstractAsyncContextManager[Any]] | None = None,
+        settle_s: float = 0.0,
     ) -> None:
-        self._load, self._key = load, key
+        self.load, self.bundle_key = load, key
+        self.settle_s = settle_s
         self._turn = turn or _no_wait
         spec = RolloutSpec.single(key(bundle))
         self.arms: Arms[Chain] = Arms(spec, {spec.champion.key: chain})
@@ -456,7 +460,7 @@ class Rollout:
 
     def normalized(self, spec: RolloutSpec) -> RolloutSpec:
         return spec.model_copy(
-            update={"arms": tuple(a.model_copy(update={"bundle": self._key(a.bundle)}) for a in spec.arms)}
+            update={"arms": tuple(a.model_copy(update={"bundle": self.bundle_key(a.bundle)}) for a in spec.arms)}
         )
 
     def apply(self, spec: RolloutSpec) -> None:
@@ -465,7 +469,7 @@ class Rollout:
         if spec == self.state.target:
             return
         new = {a.bundle for a in spec.arms} - set(self.arms.by_bundle())
-        if new and self._load is None:
+        if new and self.load is None:
             raise ConfigError(
                 f"this replica cannot load other bundles ({', '.join(sorted(new))}): it was built without a bundle "
                 "loader (pipeline/serve/local.make_api gives one); deploy the bundle as the application's instead"
@@ -488,6 +492,8 @@ class Rollout:
     async def _switch(self, spec: RolloutSpec) -> None:
         chains: dict[str, Chain] = {}
         bundles = self.arms.by_bundle()
+        if self.settle_s > 0 and any(arm.key not in self.arms.chains for arm in spec.arms):
+            await asyncio.sleep(self.settle_s)
         for arm in spec.arms:
             if arm.key in chains:
                 continue
@@ -497,8 +503,8 @@ class Rollout:
                     started = time.monotonic()
                     base = bundles.get(arm.bundle)
                     if base is None:
-                        assert self._load is not None  # apply() refused this replica otherwise
-                        base = bundles[arm.bundle] = await self._load(arm.bundle)
+                        assert self.load is not None  # apply() refused this replica otherwise
+                        base = bundles[arm.bundle] = await self.load(arm.bundle)
                         fresh = base
                     else:  # the bundle is loaded: a chain of its own over it (its knobs, breakers, recorder)
                         fresh = base.twin()

@@ -144,14 +144,18 @@ class Api:
         ledger: RollbackLedger | None = None,
         turns: LoadTurns | None = None,
         outcomes: Outcomes | None = None,
+        settle_s: float = 0.0,
     ) -> None:
         """Once `start` runs: `watch` keeps the store's state current (and restores a lost store); `event_log`'s
         flusher drains accepted events into the hourly files (one replica at a time holds its lease). `load` makes
         the chain of another bundle, for a rollout's arms (chain/rollout.py); without it, rollouts are refused. With
         `ledger`, the canary guard runs too, and with `turns` the replicas load bundles one at a time
-        (pipeline/serve/guard.py). `outcomes` records each answer as an exposure and attributes add_to_cart/purchase
-        events to the arm that showed the item (pipeline/featurestore/outcomes.py); its flusher runs from `start`."""
-        self.rollout = Rollout(chain, str(chain.core.path), load, bundle_key, turns.turn if turns else None)
+        (pipeline/serve/guard.py), after `settle_s` seconds a switch (AppArgs.load_settle_s). `outcomes` records
+        each answer as an exposure and attributes add_to_cart/purchase events to the arm that showed the item
+        (pipeline/featurestore/outcomes.py); its flusher runs from `start`."""
+        self.rollout = Rollout(
+            chain, str(chain.core.path), load, bundle_key, turns.turn if turns else None, settle_s=settle_s
+        )
         self.watch = watch
         self.event_log = event_log
         self.ledger = ledger

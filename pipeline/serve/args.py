@@ -59,8 +59,8 @@ class AppArgs(BaseModel):
         0.0,
         ge=0,
         le=60,
-        description="a rollout's bundle loads wait this long before the replicas take turns to load, so that "
-        "Serve's one-replica-at-a-time config update and HAProxy's reloads have passed (pipeline/serve/guard.py); "
+        description="a rollout switch that loads waits this long, once, before the replicas take turns to load, so "
+        "that Serve's one-replica-at-a-time config update and HAProxy's reloads have passed (pipeline/serve/guard.py); "
         "about 0.5 s a replica plus 1 s",
     )
     watch_store: bool = Field(

@@ -16,13 +16,15 @@ application slows at once. `LoadTurns` lets one replica of the application load 
 `Lock`: a token per holder, released only by its holder, expiring if the holder dies), so the balancer can move
 traffic to the replicas that are not loading. Without Redis, replicas load without waiting.
 
-A switch's loads also wait `settle_s` first. Serve applies a user_config change to one replica at a time and takes
-each out of HAProxy's backends while it does (UPDATING), and HAProxy's reloads trail the controller by about 0.85 s
-(2 replicas: the last reload about 2.3 s after the first replica's update). A replica that loaded at once did so
-while the balancer was sending it every request, the other one being out for its own update: at 100 req/s, p99 in
-the switches' windows was 760 ms, against 71 ms for the same number of config changes that load nothing
-(docs/benchmarks.md, "The switch's tail, third pass"). Once the updates and reloads have passed, the replicas load in
-turns while the other serves.
+A switch that loads also waits `AppArgs.load_settle_s` first, once (chain/rollout.Rollout). Serve applies a
+user_config change to one replica at a time and takes each out of HAProxy's backends while it does (UPDATING), and
+HAProxy's reloads trail the controller by about 0.85 s (2 replicas: the last reload about 2.3 s after the first
+replica's update). A replica that loaded at once did so while the balancer was sending it every request, the other
+one being out for its own update: at 100 req/s, p99 in the switches' windows was 760 ms, against 71 ms for the same
+number of config changes that load nothing (docs/benchmarks.md, "The switch's tail, third pass"). Once the updates
+and reloads have passed, the replicas load in turns while the other serves. The wait is once a switch, not once a
+load: a switch that readies two chains (a bundle and its shadow's twin) waited it twice when each turn began with
+it.
 """
 
 from __future__ import annotations
@@ -77,22 +79,17 @@ def load_turn_key(project: str) -> str:
 class LoadTurns:
     """One replica of the application loads a bundle at a time (see the module)."""
 
-    def __init__(
-        self, settings: StoreSettings, hold_s: float = 30.0, client: redis.Redis | None = None, settle_s: float = 0.0
-    ) -> None:
+    def __init__(self, settings: StoreSettings, hold_s: float = 30.0, client: redis.Redis | None = None) -> None:
         """`hold_s`: the longest one replica may hold the turn (its lock expires then, e.g. if the replica died),
-        and the longest another waits for it. `client` as for RollbackLedger. `settle_s`: seconds each load waits
-        before it asks for its turn (see the module: Serve's rolling config update and HAProxy's reloads)."""
+        and the longest another waits for it. `client` as for RollbackLedger."""
         self.key = load_turn_key(settings.project)
         self.client = client or redis_client(settings)
         self.hold_s = hold_s
-        self.settle_s = settle_s
 
     @contextlib.asynccontextmanager
     async def turn(self) -> AsyncIterator[float]:
-        """Waits `settle_s`, then for the application's load turn, and holds it; yields the seconds waited."""
+        """Waits for the application's load turn and holds it; yields the seconds waited."""
         began = time.monotonic()
-        await asyncio.sleep(self.settle_s)
         lock = None
         try:
             candidate = self.client.lock(

@@ -180,8 +180,9 @@ def make_api(
         load=load,
         bundle_key=lambda ref: settings.model_copy(update={"bundle": ref}).bundle_ref(),
         ledger=RollbackLedger(store, shared),
-        turns=LoadTurns(store, client=shared, settle_s=settings.load_settle_s),
+        turns=LoadTurns(store, client=shared),
         outcomes=Outcomes(shared, store.project, settings.outcomes, rec),
+        settle_s=settings.load_settle_s,
     )
     try:
         api.writer()  # now, not inside the first POST /events (opening Feast's registry takes ~0.7 s)

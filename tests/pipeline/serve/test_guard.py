@@ -5,15 +5,17 @@ in the real Redis, traffic from concurrent callers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from chain.rollout import ArmSpec, Guard, RolloutSpec
+from chain.rollout import ArmSpec, Guard, Rollout, RolloutSpec
 from pipeline.edge.api import Api
 from pipeline.edge.schemas import RecommendRequest
 from pipeline.serve.args import AppArgs
@@ -265,28 +267,57 @@ def test_replicas_take_turns_to_load_and_without_redis_nobody_waits(store_settin
     assert asyncio.run(alone()) < 1.0
 
 
-def test_a_load_waits_the_settle_time_before_its_turn(store_settings):
-    """settle_s lets Serve's one-replica-at-a-time config update and HAProxy's reloads pass before any replica
-    loads: the first load starts no sooner than settle_s after it asked, the next after the first is done."""
-    project = f"settle_{time.time_ns()}"
-    turns = [LoadTurns(store_settings.model_copy(update={"project": project}), settle_s=0.4) for _ in range(2)]
-    held: list[tuple[float, float]] = []
+def test_a_switch_waits_the_settle_time_once_then_its_loads_take_turns(api, small_bundle, second_bundle):
+    """load_settle_s lets Serve's one-replica-at-a-time config update and HAProxy's reloads pass before a switch
+    loads anything; it is waited once a switch. Here the switch readies two chains (the new bundle, and its
+    shadow's twin): the first turn begins no sooner than settle_s after the ask, the second right after the first
+    ends (before, each turn waited it again)."""
+    settle_s = 1.0
+    turns: list[tuple[float, float]] = []
 
-    async def load(t: LoadTurns) -> float:
-        async with t.turn() as waited:
-            began = time.monotonic()
-            await asyncio.sleep(0.2)
-            held.append((began, time.monotonic()))
-            return waited
+    @contextlib.asynccontextmanager
+    async def turn() -> AsyncIterator[float]:
+        began = time.monotonic()
+        try:
+            yield 0.0
+        finally:
+            turns.append((began, time.monotonic()))
 
-    async def both() -> tuple[float, list[float]]:
+    spec = RolloutSpec(
+        salt=f"settle-{time.time_ns()}",
+        arms=(
+            ArmSpec(name="champion", bundle=str(second_bundle), weight=100, role="champion"),
+            ArmSpec(name="shadow", bundle=str(second_bundle), weight=50, role="shadow"),
+        ),
+    )
+    rollout = Rollout(
+        api.rollout.champion, str(small_bundle), api.rollout.load, api.rollout.bundle_key, turn, settle_s=settle_s
+    )
+
+    async def switch() -> float:
         asked = time.monotonic()
-        return asked, await asyncio.gather(*(load(t) for t in turns))
+        rollout.apply(spec)
+        state = await rollout.wait(timeout_s=120)
+        assert state.done and state.error is None, state
+        return asked
 
-    asked, waited = asyncio.run(both())
-    held.sort()
-    assert held[0][0] - asked >= 0.4 and held[0][1] <= held[1][0], (asked, held)
-    assert min(waited) >= 0.4 and max(waited) >= 0.6, waited  # the second also waited out the first's turn
+    asked = asyncio.run(switch())
+    assert len(turns) == 2, turns
+    (first_in, first_out), (second_in, _) = turns
+    assert first_in - asked >= settle_s, (asked, turns)
+    assert second_in - first_out < settle_s / 2, turns  # no second wait
+    assert [a.name for a in rollout.arms.spec.arms] == ["champion", "shadow"]
+    assert rollout.champion.core.version == "slice-v2"
+
+    # A switch that readies nothing (the same chains, another salt) does not wait at all.
+    async def salt_only() -> float:
+        asked = time.monotonic()
+        rollout.apply(spec.model_copy(update={"salt": "another"}))
+        await rollout.wait(timeout_s=120)
+        return time.monotonic() - asked
+
+    assert asyncio.run(salt_only()) < settle_s / 2
+    assert len(turns) == 2
 
 
 def test_each_round_reports_every_arms_share_and_an_arm_that_left_goes_to_zero(
