@@ -188,6 +188,14 @@ class ServeSettings(_Section):
     fallback_grpc_port: int = Field(9500, ge=1, le=65535)
     haproxy_stats_port: int = Field(8404, ge=1, le=65535)
     haproxy_metrics_port: int = Field(9101, ge=1, le=65535)
+    haproxy_coalesce_s: float = Field(
+        2.0,
+        ge=0,
+        le=30,
+        description="Serve's HAProxy applies changes of the ingress replicas' list this long after the first one "
+        "(RAY_SERVE_HAPROXY_BROADCAST_COALESCE_S): longer than a config update's pass over the ingress replicas "
+        "(about 0.5 s each), so a rollout change leaves every replica in the balancer (pipeline/commands/serve.py)",
+    )
 
     @field_validator("haproxy_dir")
     @classmethod

@@ -122,6 +122,15 @@ def ray_env(settings: ServeSettings, tuned: bool = True, threads: ThreadSettings
         "RAY_SERVE_HAPROXY_BINARY_PATH": str(HAPROXY_WRAPPER),
         "RECSERVE_HAPROXY_REAL_BINARY": real_haproxy(),
         "RECSERVE_HAPROXY_REQUEST_TIMEOUT_S": str(settings.request_timeout_s),
+        # A user_config change (every rollout command) marks each ingress replica UPDATING in turn, about 0.5 s
+        # each at the controller's loop interval, and Serve's HAProxy dropped the one updating from its backends
+        # and put it back: three reloads a change, and the other replica alone took every request in between. At
+        # 200 req/s, 8 salt-only changes answered 23 requests 503 and p99 835 ms in the changes' windows; with
+        # the list's changes gathered for longer than the pass over the replicas, both stay in the balancer (one
+        # reload a change): 0 failed, p99 92 ms (docs/benchmarks.md, "The switch's tail, fourth pass"). A replica
+        # that dies leaves the list up to that much later; meanwhile its requests fail to connect and HAProxy
+        # replays them on another replica (retry-on conn-failure with redispatch, above).
+        "RAY_SERVE_HAPROXY_BROADCAST_COALESCE_S": str(settings.haproxy_coalesce_s),
         # A replica being replaced stops taking new requests; 5 s covers HAProxy's reload (~0.1-1 s here)
         # where Serve's default of 30 s made every redeploy and shutdown wait half a minute.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
@@ -280,13 +289,18 @@ def app_status(address: str, env: dict[str, str], app: str = "recserve") -> tupl
     return words[0], int(words[1])
 
 
-def ingress_replicas_up(stats_port: int) -> int:
-    """How many ingress replicas HAProxy counts as UP, from its stats page (0 when it does not answer)."""
-    code, text = http_get(f"http://127.0.0.1:{stats_port}/stats;csv", 2.0)
+def ingress_servers_up(stats_port: int, timeout_s: float = 2.0) -> int | None:
+    """How many ingress replicas HAProxy counts as UP, from its stats page; None when it does not answer."""
+    code, text = http_get(f"http://127.0.0.1:{stats_port}/stats;csv", timeout_s)
     if code != 200:
-        return 0
+        return None
     rows = [line.split(",") for line in text.splitlines() if line and not line.startswith("#")]
     return sum(1 for r in rows if len(r) > 17 and r[1].startswith("SERVE_REPLICA") and r[17] == "UP")
+
+
+def ingress_replicas_up(stats_port: int) -> int:
+    """ingress_servers_up, 0 when HAProxy does not answer."""
+    return ingress_servers_up(stats_port) or 0
 
 
 def serve(

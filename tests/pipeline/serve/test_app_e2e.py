@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import pandas as pd
 import pytest
 
 from chain.rollout import ArmSpec, RolloutSpec, assign
-from pipeline.commands.serve import http_get, ingress_replicas_up, port_open
+from pipeline.commands.serve import http_get, ingress_replicas_up, ingress_servers_up, port_open
 from settings import ServeSettings
 from tests.conftest import ROOT, recserve
 from tests.support.app import serve_config, serving, settings_env
@@ -290,6 +291,39 @@ def test_a_rollout_changes_the_arms_without_restarting_a_replica(app, small_bund
     for user in _users(small_bundle)[:20]:
         body = recommend(app.client, user_id=user, k=3).json()
         assert (body["arm"], body["model_version"]) == ("champion", "slice-v1")
+
+
+def test_a_rollout_change_keeps_every_ingress_replica_in_the_balancer(app):
+    """A user_config change marks each ingress replica UPDATING in turn; with Serve's default (list changes applied
+    0.1 s after the first) HAProxy dropped each from its backends and put it back, so the other took every request
+    meanwhile. recserve serve gathers the list's changes for haproxy_coalesce_s: HAProxy's stats page shows every
+    ingress replica UP throughout a change (read every 50 ms from the ask to 4 s after it serves)."""
+    from pipeline.commands.rollout import current_spec, deploy
+
+    wait_for(lambda: ingress_replicas_up(SETTINGS.haproxy_stats_port) >= 1, 120, "an ingress replica UP")
+    before = ingress_replicas_up(SETTINGS.haproxy_stats_port)
+    spec = current_spec({}, app.url)  # the champion /readyz names, alone: a change that loads nothing
+    readings: list[int] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            up = ingress_servers_up(SETTINGS.haproxy_stats_port, 1.0)
+            if up is not None:  # a reload's hand-over may miss a read; a reading is what a running HAProxy says
+                readings.append(up)
+            time.sleep(0.05)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        for n in range(2):
+            deploy(spec.model_copy(update={"salt": f"e2e-balancer-{n}-{time.time_ns()}"}), app.url, 300.0, SETTINGS)
+            time.sleep(4.0)  # past HAProxy's last reload for the change
+    finally:
+        stop.set()
+        reader.join(5)
+    assert len(readings) > 50, readings
+    assert min(readings) >= before, f"{before} ingress replicas UP before the change; readings {readings}"
 
 
 def test_a_failing_canary_is_rolled_back_on_every_replica_and_counted_once(app, small_bundle, second_bundle):
