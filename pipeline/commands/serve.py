@@ -122,14 +122,11 @@ def ray_env(settings: ServeSettings, tuned: bool = True, threads: ThreadSettings
         "RAY_SERVE_HAPROXY_BINARY_PATH": str(HAPROXY_WRAPPER),
         "RECSERVE_HAPROXY_REAL_BINARY": real_haproxy(),
         "RECSERVE_HAPROXY_REQUEST_TIMEOUT_S": str(settings.request_timeout_s),
-        # A user_config change (every rollout command) marks each ingress replica UPDATING in turn, about 0.5 s
-        # each at the controller's loop interval, and Serve's HAProxy dropped the one updating from its backends
-        # and put it back: three reloads a change, and the other replica alone took every request in between. At
-        # 200 req/s, 8 salt-only changes answered 23 requests 503 and p99 835 ms in the changes' windows; with
-        # the list's changes gathered for longer than the pass over the replicas, both stay in the balancer (one
-        # reload a change): 0 failed, p99 92 ms (docs/benchmarks.md, "The switch's tail, fourth pass"). A replica
-        # that dies leaves the list up to that much later; meanwhile its requests fail to connect and HAProxy
-        # replays them on another replica (retry-on conn-failure with redispatch, above).
+        # A user_config change (every rollout command) marks each ingress replica UPDATING in turn (~0.5 s each),
+        # and Serve's HAProxy dropped it from its backends and put it back, the other replica alone meanwhile (at
+        # 200 req/s: 23 shed, p99 835 ms around 8 changes). Gathered for longer than that pass, the list's changes
+        # cancel out (0 shed, 92 ms; docs/benchmarks.md, "The switch's tail, fourth pass"). A dead replica leaves
+        # the list up to that much later; HAProxy replays its failed connects on another (retry-on, above).
         "RAY_SERVE_HAPROXY_BROADCAST_COALESCE_S": str(settings.haproxy_coalesce_s),
         # A replica being replaced stops taking new requests; 5 s covers HAProxy's reload (~0.1-1 s here)
         # where Serve's default of 30 s made every redeploy and shutdown wait half a minute.

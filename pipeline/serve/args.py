@@ -60,7 +60,7 @@ class AppArgs(BaseModel):
         ge=0,
         le=60,
         description="a rollout switch that loads waits this long, once, before the replicas take turns to load, so "
-        "that Serve's one-replica-at-a-time config update and HAProxy's reloads have passed (pipeline/serve/guard.py); "
+        "that Serve's one-replica-at-a-time config update and HAProxy's reloads have passed (chain/rollout.Rollout); "
         "about 0.5 s a replica plus 1 s",
     )
     watch_store: bool = Field(

@@ -16,15 +16,10 @@ application slows at once. `LoadTurns` lets one replica of the application load 
 `Lock`: a token per holder, released only by its holder, expiring if the holder dies), so the balancer can move
 traffic to the replicas that are not loading. Without Redis, replicas load without waiting.
 
-A switch that loads also waits `AppArgs.load_settle_s` first, once (chain/rollout.Rollout). Serve applies a
-user_config change to one replica at a time and takes each out of HAProxy's backends while it does (UPDATING), and
-HAProxy's reloads trail the controller by about 0.85 s (2 replicas: the last reload about 2.3 s after the first
-replica's update). A replica that loaded at once did so while the balancer was sending it every request, the other
-one being out for its own update: at 100 req/s, p99 in the switches' windows was 760 ms, against 71 ms for the same
-number of config changes that load nothing (docs/benchmarks.md, "The switch's tail, third pass"). Once the updates
-and reloads have passed, the replicas load in turns while the other serves. The wait is once a switch, not once a
-load: a switch that readies two chains (a bundle and its shadow's twin) waited it twice when each turn began with
-it.
+Before its first load a switch waits `AppArgs.load_settle_s`, once (chain/rollout.Rollout), so that Serve's
+one-replica-at-a-time config update and HAProxy's reload for it have passed: a replica that loaded at once did so
+while the other was out of the balancer for its update (docs/benchmarks.md, "The switch's tail", third and fourth
+passes).
 """
 
 from __future__ import annotations
